@@ -1,0 +1,61 @@
+# Whisper appliance — every entry point. `make` (or `make help`) lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help
+help: ## List every target with a one-line description
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort -u | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: ## Install what is missing: system packages, venv from the lock file, models, speech clips
+	WITH_LXC=$(WITH_LXC) bash scripts/bootstrap.sh
+
+.PHONY: run
+run: setup ## Install what is missing, then serve on https://0.0.0.0:5001 (HTTPS_ENABLED=false for plain HTTP)
+	$(VENV)/bin/whisper-appliance serve
+
+.PHONY: lint
+lint: setup ## ruff, mypy --strict, ansible-lint (production) and yamllint
+	$(VENV)/bin/ruff check appliance tests bench
+	$(VENV)/bin/ruff format --check appliance tests bench
+	$(VENV)/bin/mypy appliance
+	$(MAKE) --no-print-directory lint-extra
+
+.PHONY: pytest
+pytest: setup ## Run the pytest suite only (real engine, real server, real browser)
+	$(VENV)/bin/pytest
+
+.PHONY: test
+test: ## Install what is missing, then lint + every test suite
+	$(MAKE) --no-print-directory setup WITH_LXC=$(TEST_WITH_LXC)
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory pytest
+	$(MAKE) --no-print-directory test-extra
+
+.PHONY: bench
+bench: setup ## Side-by-side benchmark: engines, service overhead, live latency -> bench/results.md
+	$(PY) -m bench.run
+
+.PHONY: lock
+lock: ## Re-pin requirements.lock from a fresh resolve of pyproject.toml (maintainers only)
+	bash scripts/lock.sh
+
+.PHONY: clean
+clean: ## Remove the venv, caches and build outputs (keeps the data dir)
+	rm -rf $(VENV) .cache/stamps .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+
+# Each concern adds its targets in its own fragment (ansible, dist, image, ...).
+# lint-extra and test-extra collect their lint and test steps.
+LINT_EXTRA :=
+TEST_EXTRA :=
+TEST_WITH_LXC ?= 0
+WITH_LXC ?= 0
+-include mk/*.mk
+
+.PHONY: lint-extra test-extra
+lint-extra: $(LINT_EXTRA)
+test-extra: $(TEST_EXTRA)

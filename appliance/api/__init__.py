@@ -1,0 +1,12 @@
+"""HTTP API blueprints, one module per concern."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from appliance.api import history_api, openai_compat, system, transcribe
+
+
+def register(app: Quart) -> None:
+    for module in (system, transcribe, openai_compat, history_api):
+        app.register_blueprint(module.blueprint)

@@ -1,0 +1,79 @@
+"""From an upload to a queued job: probe the content, check the model, submit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from quart import request
+
+from appliance import audio
+from appliance.engines.base import TranscribeOptions
+from appliance.errors import APIError
+from appliance.jobs import Job, QueueFullError
+from appliance.models import ModelError
+from appliance.services import services
+from appliance.upload import Upload, receive_upload
+
+
+async def receive() -> Upload:
+    s = services()
+    return await receive_upload(request, s.settings.tmp_dir, s.settings.max_upload_size)
+
+
+def resolve_model(name: str | None) -> str:
+    s = services()
+    chosen = (name or "").strip() or s.extras.get("default_model") or s.settings.whisper_model
+    try:
+        s.models.check_name(chosen)
+    except ModelError as exc:
+        raise APIError(exc.status, exc.code, exc.message) from None
+    if s.models.locate(chosen) is None:
+        raise APIError(
+            409,
+            "model_not_available",
+            f"model {chosen!r} is not on this appliance yet: download or import it in the admin panel",
+        )
+    return chosen
+
+
+async def submit(upload: Upload, *, model: str, options: TranscribeOptions, source: str) -> Job:
+    """Probe the file (415 if not audio) and queue it (429 if the queue is full).
+
+    The upload's temp file belongs to the job from here on; on any refusal it is deleted.
+    """
+    assert upload.file_path is not None
+    try:
+        info = await asyncio.to_thread(audio.probe, upload.file_path)
+    except audio.NotAudioError as exc:
+        upload.discard()
+        raise APIError(
+            415,
+            "unsupported_audio",
+            f"{upload.file_name or 'the file'} is not audio FFmpeg can decode: {exc}",
+        ) from None
+    job = Job(
+        model=model,
+        options=options,
+        audio_path=upload.file_path,
+        duration=info.duration,
+        source=source,
+        filename=upload.file_name,
+    )
+    try:
+        return services().jobs.submit(job)
+    except QueueFullError as exc:
+        raise APIError(
+            429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}
+        ) from None
+
+
+def raise_for_job(job: Job) -> None:
+    """Turn a failed or cancelled job into the API error the client should see."""
+    if job.state.value == "cancelled":
+        raise APIError(409, "cancelled", "the transcription was cancelled")
+    if job.error:
+        code = job.error["code"]
+        status = {"insufficient_memory": 507, "model_not_available": 409}.get(code, 422)
+        if code in ("unsupported_audio",):
+            status = 415
+        raise APIError(status, code, job.error["message"])

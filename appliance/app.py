@@ -1,0 +1,125 @@
+"""The app factory: `create_app(settings)` builds the Quart app; resources live on the app.
+
+Long-lived services (database, history, model manager, job queue) are created in
+`before_serving` and closed in `after_serving`. Feature modules (UI, live speech, TLS, admin,
+security) each expose `init_app(app)` and are wired in `_init_features` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from quart import Quart, Response, render_template
+from quart_schema import Info, QuartSchema
+
+from appliance import __version__, api
+from appliance.config import Settings
+from appliance.db import Database
+from appliance.engines import create_engine
+from appliance.errors import register_error_handlers
+from appliance.history import History
+from appliance.jobs import Job, JobQueue
+from appliance.models import ModelManager
+from appliance.services import Services
+from appliance.upload import prepare_tmp_dir
+
+log = logging.getLogger(__name__)
+
+
+async def start_services(settings: Settings) -> Services:
+    """Open the database, prepare directories and start the job workers."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_tmp_dir(settings.tmp_dir)
+    db = await Database.open(settings.db_path)
+    history = History(db, settings.history_retention_days, settings.history_max_rows)
+    await history.migrate()
+    engine = create_engine(
+        settings.engine,
+        compute_type=settings.compute_type,
+        cpu_threads=settings.cpu_threads,
+        workers=settings.workers,
+    )
+    models = ModelManager(
+        engine,
+        settings.models_dir,
+        cache_size=settings.model_cache_size,
+        hub_url=settings.model_hub_url,
+    )
+
+    async def save(job: Job) -> str | None:
+        assert job.result is not None
+        return await history.add(
+            job.result,
+            source=job.source,
+            model=job.model,
+            filename=job.filename,
+            task=job.options.task,
+            timings=job.timings,
+        )
+
+    jobs = JobQueue(models, workers=settings.workers, max_queue=settings.max_queue, on_done=save)
+    await jobs.start()
+    return Services(settings=settings, db=db, history=history, models=models, jobs=jobs)
+
+
+async def _warm_up(services: Services) -> None:
+    name = services.extras.get("default_model") or services.settings.whisper_model
+    try:
+        async with services.models.use(name):
+            log.info("default model %s is ready", name)
+    except Exception:
+        log.exception("could not warm up the default model %s", name)
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    settings = settings or Settings.from_env()
+    app = Quart(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=None,  # uploads are limited while streaming (appliance.upload)
+        BODY_TIMEOUT=3600,  # a large file over a slow LAN
+        RESPONSE_TIMEOUT=None,  # /transcribe waits for the job; the client decides
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["settings"] = settings
+    QuartSchema(
+        app,
+        info=Info(title="Whisper appliance", version=__version__),
+        swagger_ui_path=None,  # our own /docs page serves vendored Swagger UI (no CDN)
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    register_error_handlers(app)
+    api.register(app)
+
+    @app.get("/docs")
+    async def docs() -> str:
+        """Swagger UI over /openapi.json, from assets served by the appliance."""
+        return await render_template("docs.html")
+
+    @app.before_serving
+    async def _startup() -> None:
+        services = await start_services(settings)
+        app.extensions["appliance"] = services
+        services.extras["warm_up"] = asyncio.create_task(_warm_up(services))
+        services.ready = True
+
+    @app.after_serving
+    async def _shutdown() -> None:
+        services: Services = app.extensions["appliance"]
+        services.ready = False
+        await services.jobs.stop()
+        services.models.close()
+        await services.db.close()
+
+    @app.after_request
+    async def _no_sniff(response: Response) -> Response:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    _init_features(app)
+    return app
+
+
+def _init_features(app: Quart) -> None:
+    """Each feature module registers its blueprints and start/stop hooks here."""

@@ -1,0 +1,249 @@
+"""Typed settings read from environment variables and validated once, at start.
+
+Every variable of the seed design is honoured; a bad value stops the start with an error that
+names the variable, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+ENGINES = ("faster-whisper", "openai-whisper")
+COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "float16", "int8_float16", "auto")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the appliance cannot run with."""
+
+
+def parse_size(text: str) -> int:
+    """Parse `100MB`, `1GiB`, `512k` or a plain byte count into bytes."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"expected a size such as 100MB, 1GiB or 1048576, got {text!r}")
+    number, unit = match.groups()
+    factor = _SIZE_UNITS.get(unit.upper())
+    if factor is None:
+        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(float(number) * factor)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text.strip() else None
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _model_name(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"expected a model name such as tiny.en or base, got {text!r}")
+    return value
+
+
+def _env(name: str, parse: Callable[[str], Any], default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": name, "parse": parse, "doc": doc})
+
+
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The appliance's configuration; build it with `Settings.from_env()`."""
+
+    data_dir: Path = _env(
+        "DATA_DIR",
+        lambda t: Path(t).expanduser(),
+        Path("/var/lib/whisper-appliance"),
+        "Database, models, certificates, logs, temp uploads",
+    )
+    bind_address: str = _env("BIND_ADDRESS", str.strip, "0.0.0.0", "Address to listen on")  # noqa: S104
+    https_port: int = _env("HTTPS_PORT", _int_range(1, 65535), 5001, "Port of the main listener")
+    https_enabled: bool = _env(
+        "HTTPS_ENABLED",
+        parse_bool,
+        True,
+        "Serve TLS; set false behind a reverse proxy or in tests",
+    )
+    http_redirect: bool = _env(
+        "HTTP_REDIRECT",
+        parse_bool,
+        False,
+        "Also listen on HTTP_PORT and redirect plain HTTP to HTTPS",
+    )
+    http_port: int = _env(
+        "HTTP_PORT", _int_range(1, 65535), 80, "Port of the HTTP redirect listener"
+    )
+    ssl_cert_path: Path | None = _env(
+        "SSL_CERT_PATH", _optional_path, None, "Custom certificate (PEM); empty = generated CA"
+    )
+    ssl_key_path: Path | None = _env(
+        "SSL_KEY_PATH", _optional_path, None, "Key of the custom certificate (PEM)"
+    )
+    whisper_model: str = _env(
+        "WHISPER_MODEL", _model_name, "tiny.en", "Default model, warmed up at start"
+    )
+    engine: str = _env("ENGINE", _choice(ENGINES), "faster-whisper", "Inference engine")
+    compute_type: str = _env(
+        "COMPUTE_TYPE", _choice(COMPUTE_TYPES), "int8", "CTranslate2 compute type (faster-whisper)"
+    )
+    cpu_threads: int = _env(
+        "CPU_THREADS", _int_range(1, 256), 1, "CPU threads per inference worker"
+    )
+    worker_processes: int = _env(
+        "WORKER_PROCESSES", _int_range(1, 64), 0, "Parallel inference workers (0 = one per core)"
+    )
+    model_cache_size: int = _env(
+        "MODEL_CACHE_SIZE",
+        _int_range(1, 16),
+        1,
+        "Models kept loaded at once (least recently used leaves)",
+    )
+    max_upload_size: int = _env(
+        "MAX_UPLOAD_SIZE", parse_size, 100 * 1000**2, "Largest accepted upload (100MB, 1GiB, bytes)"
+    )
+    max_queue: int = _env(
+        "MAX_QUEUE", _int_range(1, 10000), 32, "Jobs waiting at most; more get 429"
+    )
+    audio_chunk_size: int = _env(
+        "AUDIO_CHUNK_SIZE",
+        _int_range(1600, 4000),
+        3200,
+        "Live audio frame, in 16 kHz samples (3200 = 200 ms)",
+    )
+    debug_mode: bool = _env("DEBUG_MODE", parse_bool, False, "Debug logging")
+    model_hub_url: str = _env(
+        "MODEL_HUB_URL", str.strip, "https://huggingface.co", "Where models are downloaded from"
+    )
+    history_retention_days: int = _env(
+        "HISTORY_RETENTION_DAYS",
+        _int_range(0, 36500),
+        0,
+        "Delete history older than this (0 = keep)",
+    )
+    history_max_rows: int = _env(
+        "HISTORY_MAX_ROWS",
+        _int_range(0, 10_000_000),
+        0,
+        "Keep at most this many entries (0 = no limit)",
+    )
+    allowed_origins: tuple[str, ...] = _env(
+        "ALLOWED_ORIGINS",
+        _csv,
+        (),
+        "Extra browser origins allowed for CORS and /ws/live (comma list)",
+    )
+
+    @property
+    def workers(self) -> int:
+        return self.worker_processes or _default_workers()
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "appliance.db"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every variable; raise ConfigError naming the first bad one."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+            elif name in env:
+                try:
+                    values[f.name] = f.metadata["parse"](env[name])
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if (self.ssl_cert_path is None) != (self.ssl_key_path is None):
+            raise ConfigError("SSL_CERT_PATH and SSL_KEY_PATH must be set together")
+        if self.http_redirect and not self.https_enabled:
+            raise ConfigError("HTTP_REDIRECT: needs HTTPS_ENABLED=true (nothing to redirect to)")
+        if self.http_redirect and self.http_port == self.https_port:
+            raise ConfigError("HTTP_PORT: must differ from HTTPS_PORT")
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) rows — the README table is checked against this."""
+        rows = []
+        for f in fields(cls):
+            default = f.default
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            shown = (
+                "" if shown is None else str(shown).lower() if isinstance(shown, bool) else shown
+            )
+            rows.append((f.metadata["env"], str(shown), f.metadata["doc"]))
+        return rows

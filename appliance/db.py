@@ -1,0 +1,76 @@
+"""The appliance's one SQLite file (aiosqlite, WAL) and per-component schema migrations.
+
+Each component (history, auth, settings, ...) owns an ordered list of migration scripts; the
+`schema_version` table remembers how many of each were applied, so components evolve
+independently and a database from any older release upgrades itself at start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+
+class Database:
+    """An open connection plus the migration bookkeeping."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self.conn = connection
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        await conn.commit()
+        path.chmod(0o600)
+        return cls(conn, path)
+
+    async def migrate(self, component: str, migrations: Sequence[str]) -> int:
+        """Apply the migrations of `component` not applied yet; return its schema version."""
+        async with self.conn.execute(
+            "SELECT version FROM schema_version WHERE component = ?", (component,)
+        ) as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(migrations):
+            raise RuntimeError(
+                f"database schema of {component!r} is version {current}, newer than this "
+                f"release knows ({len(migrations)}): restore the matching release or backup"
+            )
+        for version, script in enumerate(migrations[current:], start=current + 1):
+            log.info("migrating %s schema to version %d", component, version)
+            await self.conn.executescript(
+                f"BEGIN;\n{script}\n"
+                f"INSERT INTO schema_version(component, version) VALUES ('{component}', {version})"
+                f" ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;"
+            )
+        return len(migrations)
+
+    async def writable(self) -> bool:
+        """Readiness probe: can we write (disk full, read-only mount and locks all fail here)?"""
+        try:
+            await self.conn.execute(
+                "INSERT INTO schema_version(component, version) VALUES ('_probe', 0)"
+                " ON CONFLICT(component) DO UPDATE SET version = 0"
+            )
+            await self.conn.commit()
+        except aiosqlite.Error:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.conn.close()

