@@ -16,7 +16,7 @@ setup: ## Install what is missing: system packages, venv from the lock file, mod
 
 .PHONY: run
 run: setup ## Install what is missing, then serve on https://0.0.0.0:5001 (HTTPS_ENABLED=false for plain HTTP)
-	$(VENV)/bin/whisper-appliance serve
+	DATA_DIR=$${DATA_DIR:-$(CURDIR)/var} $(VENV)/bin/whisper-appliance serve
 
 .PHONY: lint
 lint: setup ## ruff, mypy --strict, ansible-lint (production) and yamllint

@@ -7,6 +7,7 @@ independently and a database from any older release upgrades itself at start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ class Database:
             " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
         )
         await conn.commit()
-        path.chmod(0o600)
+        await asyncio.to_thread(path.chmod, 0o600)
         return cls(conn, path)
 
     async def migrate(self, component: str, migrations: Sequence[str]) -> int:
@@ -54,7 +55,7 @@ class Database:
         for version, script in enumerate(migrations[current:], start=current + 1):
             log.info("migrating %s schema to version %d", component, version)
             await self.conn.executescript(
-                f"BEGIN;\n{script}\n"
+                f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
                 f"INSERT INTO schema_version(component, version) VALUES ('{component}', {version})"
                 f" ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;"
             )

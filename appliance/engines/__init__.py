@@ -16,7 +16,8 @@ def create_engine(name: str, *, compute_type: str, cpu_threads: int, workers: in
             from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
         except ImportError as exc:  # the optional extra is not installed
             raise EngineUnavailableError(
-                "ENGINE=openai-whisper needs the optional extra: pip install 'whisper-appliance[openai-whisper]'"
+                "ENGINE=openai-whisper needs the optional extra: "
+                "pip install 'whisper-appliance[openai-whisper]'"
             ) from exc
         return OpenAIWhisperEngine(cpu_threads=cpu_threads)
     raise EngineUnavailableError(f"unknown engine {name!r}")
