@@ -123,3 +123,16 @@ def create_app(settings: Settings | None = None) -> Quart:
 
 def _init_features(app: Quart) -> None:
     """Each feature module registers its blueprints and start/stop hooks here."""
+    # issue 6 (security): logging first (request ids), then TLS routes, the request guard
+    # (auth, API keys, rate limits, headers, runtime settings), then the admin panel
+    from appliance import admin, logging_setup, security, tls
+
+    logging_setup.init_app(app)
+    tls.init_app(app)
+    security.init_app(app)
+    admin.init_app(app)
+    # issue 5 (UI + live speech): the main page at / and the /ws/live WebSocket
+    from appliance import live, ui
+
+    ui.init_app(app)
+    live.init_app(app)

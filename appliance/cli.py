@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from appliance import __version__
+from appliance import __version__, logging_setup
 from appliance.config import ConfigError, Settings
 
 
@@ -32,16 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("path", type=Path)
     dl = sub.add_parser("download-model", help="download a catalogue model from the model hub")
     dl.add_argument("name")
+    sub.add_parser(
+        "reset-admin-password",
+        help="lost password: set a new random admin password (written to DATA_DIR, 0600)",
+    )
     args = parser.parse_args(argv)
     settings = _settings()
-    logging.basicConfig(
-        level=logging.DEBUG if settings.debug_mode else logging.INFO,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    # structured logging (issue 6): key=value on stdout, JSON lines in DATA_DIR/logs
+    logging_setup.configure(settings, file=args.command == "serve")
     if args.command == "serve":
         from appliance.server import serve
 
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        except ConfigError as exc:  # e.g. a custom certificate whose key does not match
+            logging.getLogger("appliance").critical("cannot start: %s", exc)
+            print(f"whisper-appliance: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "reset-admin-password":
+        from appliance.auth import reset_admin_password
+
+        print(f"new admin password written to {asyncio.run(reset_admin_password(settings))}")
         return 0
     from appliance.engines import create_engine
     from appliance.models import ModelError, ModelManager

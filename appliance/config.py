@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from appliance.ratelimit import Rate, parse_rate
+
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -191,6 +193,74 @@ class Settings:
         _csv,
         (),
         "Extra browser origins allowed for CORS and /ws/live (comma list)",
+    )
+    # --- security (issue 6): defaults of the runtime settings the admin panel can change ---
+    require_api_key: bool = _env(
+        "REQUIRE_API_KEY",
+        parse_bool,
+        False,
+        "Require an API key (or an admin session) for /transcribe, /v1, /api and /ws/live",
+    )
+    api_rate_limit: Rate = _env(
+        "API_RATE_LIMIT",
+        parse_rate,
+        Rate(120, 60.0),
+        "Transcription requests per client IP or API key (120/minute; 0 = off)",
+    )
+    login_rate_limit: Rate = _env(
+        "LOGIN_RATE_LIMIT",
+        parse_rate,
+        Rate(5, 60.0),
+        "Admin login attempts per client IP (5/minute)",
+    )
+    live_max_sessions: int = _env(
+        "LIVE_MAX_SESSIONS",
+        _int_range(0, 256),
+        4,
+        "Live speech sessions at once (0 = no limit)",
+    )
+    live_max_minutes: int = _env(
+        "LIVE_MAX_MINUTES",
+        _int_range(0, 1440),
+        60,
+        "Longest live speech session in minutes (0 = no limit)",
+    )
+    # --- live speech (issue 5): limits of one /ws/live connection and its segmentation ---
+    live_max_frame_bytes: int = _env(
+        "LIVE_MAX_FRAME_BYTES",
+        _int_range(3200, 1024 * 1024),
+        32000,
+        "Largest live audio frame in bytes (32000 = 1 s of 16 kHz PCM); larger closes 1009",
+    )
+    live_max_bytes_per_second: int = _env(
+        "LIVE_MAX_BYTES_PER_SECOND",
+        _int_range(32000, 10_000_000),
+        64000,
+        "Live audio bytes per second per connection (2x real time); more closes 1008",
+    )
+    live_idle_timeout: int = _env(
+        "LIVE_IDLE_TIMEOUT",
+        _int_range(1, 3600),
+        30,
+        "Seconds without any frame before a live connection is closed",
+    )
+    live_max_utterance_seconds: int = _env(
+        "LIVE_MAX_UTTERANCE_SECONDS",
+        _int_range(5, 28),
+        15,
+        "Longest live utterance: a final is forced after this many seconds of speech",
+    )
+    live_silence_ms: int = _env(
+        "LIVE_SILENCE_MS",
+        _int_range(200, 3000),
+        500,
+        "Silence (ms) that ends a live utterance and triggers its final text",
+    )
+    update_source: str = _env(
+        "UPDATE_SOURCE",
+        str.strip,
+        "",
+        "Release manifest for update checks: an https URL, a JSON file or a directory",
     )
 
     @property

@@ -37,7 +37,7 @@ class Database:
             " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
         )
         await conn.commit()
-        await asyncio.to_thread(path.chmod, 0o600)
+        await asyncio.to_thread(_owner_only, path)
         return cls(conn, path)
 
     async def migrate(self, component: str, migrations: Sequence[str]) -> int:
@@ -75,3 +75,10 @@ class Database:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+def _owner_only(path: Path) -> None:
+    """The WAL and shared-memory files hold the same data as the database itself."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists():
+            file.chmod(0o600)

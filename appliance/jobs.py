@@ -112,13 +112,11 @@ class JobQueue:
         self.pending: deque[Job] = deque()
         self.running: set[str] = set()
         self.speed = SpeedMeter()
-        self._wakeup = asyncio.Condition()
+        self._has_work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
 
     async def stop(self) -> None:
@@ -224,19 +222,17 @@ class JobQueue:
 
     # --- worker side -----------------------------------------------------------------------
     def _notify_queue(self) -> None:
+        """Queue positions changed: wake the waiting jobs' subscribers and idle workers."""
         for job in self.pending:
             job.touch()
-
-        async def _poke() -> None:
-            async with self._wakeup:
-                self._wakeup.notify_all()
-
-        asyncio.get_running_loop().create_task(_poke())
+        if self.pending:
+            self._has_work.set()
 
     async def _next(self) -> Job:
-        async with self._wakeup:
-            await self._wakeup.wait_for(lambda: bool(self.pending))
-            job = self.pending.popleft()
+        while not self.pending:
+            self._has_work.clear()
+            await self._has_work.wait()
+        job = self.pending.popleft()
         self._notify_queue()
         return job
 

@@ -219,16 +219,6 @@ class ModelManager:
             return self.bundled_dir(name)
         return None
 
-    def source(self, name: str) -> str | None:
-        if (
-            is_model_dir(self.models_dir / name)
-            and not (self.models_dir / name / ".bundled").exists()
-        ):
-            return "bundled" if name in BUNDLED and len(BUNDLED[name][1]) > 1 else "data dir"
-        if name in BUNDLED and _package_dir(BUNDLED[name][0]) is not None:
-            return "bundled"
-        return None
-
     def check_name(self, name: str) -> None:
         if name not in CATALOGUE and not is_model_dir(self.models_dir / name):
             raise ModelError(

@@ -49,7 +49,12 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if settings.https_enabled else "http"
     log.info("serving on %s://%s:%d", scheme, settings.bind_address, settings.https_port)
-    servers = [hypercorn_serve(app, config, shutdown_trigger=stop.wait)]  # type: ignore[arg-type]
+    servers = [hypercorn_serve(app, config, shutdown_trigger=stop.wait)]
+    if settings.https_enabled and settings.ssl_cert_path is None:
+        from appliance import tls
+
+        # re-issue and swap the generated certificate when the addresses change (DHCP)
+        servers.append(tls.watch_certificate(settings, config, stop))  # type: ignore[arg-type]
     if settings.http_redirect:
         from appliance import tls
 

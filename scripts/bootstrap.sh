@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 STAMPS=.cache/stamps
 mkdir -p "$STAMPS"
 
+# pip warns once per package about this machine's optional local indexes; keep the log readable.
+pip_quiet() { "$VENV/bin/pip" "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2); }
 msg() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
 
 need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
@@ -22,7 +24,7 @@ need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
 
 # --- system packages ---------------------------------------------------------
 APT_PACKAGES=(ffmpeg sox espeak-ng python3-venv ca-certificates)
-if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core); fi
+if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core libnss3-tools); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
   APT_PACKAGES+=(lxc lxc-templates debootstrap mmdebstrap uidmap nftables iproute2 dnsmasq-base lxc-dev pkg-config gcc zstd)
 fi
@@ -41,17 +43,17 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   msg "creating $VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip==25.3
+  pip_quiet install -q --upgrade pip==25.3
 fi
 if need_stamp venv requirements.lock requirements-dev.lock pyproject.toml; then
   msg "installing locked dependencies"
-  "$VENV/bin/pip" install -q -r requirements.lock -r requirements-dev.lock
-  "$VENV/bin/pip" install -q --no-deps -e .
+  pip_quiet install -q -r requirements.lock -r requirements-dev.lock
+  pip_quiet install -q --no-deps -e .
   touch "$STAMPS/venv"
 fi
 if [ "${WITH_OPENAI_WHISPER:-1}" = 1 ] && need_stamp openai-whisper requirements-openai-whisper.lock; then
   msg "installing the openai-whisper reference engine (torch CPU)"
-  "$VENV/bin/pip" install -q --no-deps -r requirements-openai-whisper.lock
+  pip_quiet install -q --no-deps -r requirements-openai-whisper.lock
   touch "$STAMPS/openai-whisper"
 fi
 

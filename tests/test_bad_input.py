@@ -222,6 +222,24 @@ def test_malformed_bodies(
     assert_clean(small_server)
 
 
+def read_response(sock: socket.socket) -> str:
+    """Read one HTTP response (headers + Content-Length body) without waiting for close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_declared_length_over_limit_is_refused_before_reading(small_server: Server) -> None:
     host, port = small_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
@@ -230,7 +248,7 @@ def test_declared_length_over_limit_is_refused_before_reading(small_server: Serv
             b"Content-Type: multipart/form-data; boundary=abc\r\n"
             b"Content-Length: 999999999\r\n\r\n--abc\r\n"
         )
-        reply = sock.recv(4096).decode()
+        reply = read_response(sock)
     assert reply.startswith("HTTP/1.1 413")
     assert "file_too_large" in reply
     assert_clean(small_server)

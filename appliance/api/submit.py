@@ -17,7 +17,13 @@ from appliance.upload import Upload, receive_upload
 
 async def receive() -> Upload:
     s = services()
-    return await receive_upload(request, s.settings.tmp_dir, s.settings.max_upload_size)
+    # runtime settings (admin panel) override the env defaults: appliance.settings_store
+    limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
+    upload = await receive_upload(request, s.settings.tmp_dir, limit)
+    language = s.extras.get("default_language")
+    if language and not (upload.get("language") or "").strip():
+        upload.fields["language"] = [language]
+    return upload
 
 
 def resolve_model(name: str | None) -> str:
@@ -31,7 +37,8 @@ def resolve_model(name: str | None) -> str:
         raise APIError(
             409,
             "model_not_available",
-            f"model {chosen!r} is not on this appliance yet: download or import it in the admin panel",
+            f"model {chosen!r} is not on this appliance yet: "
+            "download or import it in the admin panel",
         )
     return chosen
 

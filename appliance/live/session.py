@@ -1,0 +1,626 @@
+"""Live transcription without a socket: VAD segmentation, re-decoding, agreement, back-pressure.
+
+`LiveTranscriber` is the synchronous core. Audio goes in with `feed` (16 kHz float32, with the
+wall time it arrived); Silero VAD opens an utterance at speech and closes it after
+`silence_seconds` of silence or at `max_utterance_seconds`. While an utterance grows it is
+re-decoded (greedy, no word timings) into `partial` messages; a closed one is decoded with beam
+search and word timings into a `final`. `step` runs at most one decode, choosing in order:
+
+1. the oldest closed utterance (finals never wait behind partials);
+2. a *speculative final* once the speaker has paused `speculate_after_seconds`: if the pause
+   then lasts until the utterance closes, that decode is the final, so the final arrives about
+   when the silence is confirmed instead of one decode later;
+3. a partial, when enough new audio came in — skipped while the caller reports a backlog
+   (audio is never dropped: partials are what gives way when the engine falls behind).
+
+`LiveSession` drives a transcriber from asyncio: `feed` is called by whoever receives audio,
+`run` does the work in a worker thread and hands messages to `emit`. Tests and the bench can
+drive it directly; the `/ws/live` route is a thin wrapper around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.engines.base import SAMPLE_RATE, Segment, Transcript, Word
+from appliance.live.decoder import Decoder, Hypothesis
+from appliance.live.vad import WINDOW, StreamingVad
+
+Message = dict[str, Any]
+Samples = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Segmentation and scheduling knobs (seconds unless named otherwise)."""
+
+    silence_seconds: float = 0.5
+    max_utterance_seconds: float = 15.0
+    threshold: float = 0.5
+    neg_threshold: float = 0.35
+    speech_pad_seconds: float = 0.2
+    pre_roll_seconds: float = 0.3
+    min_speech_seconds: float = 0.25
+    first_partial_seconds: float = 0.5
+    partial_interval_seconds: float = 0.7
+    speculate_after_seconds: float = 0.06
+    split_search_seconds: float = 3.0
+
+
+def _sec(samples: int) -> float:
+    return round(samples / SAMPLE_RATE, 3)
+
+
+_NORMALIZE = re.compile(r"[^\w']+")
+
+
+def _norm(word: str) -> str:
+    return _NORMALIZE.sub("", word.lower())
+
+
+class Agreement:
+    """Stable-prefix agreement: words two successive hypotheses agree on are committed.
+
+    Committed words are shown as stable and never taken back while the utterance lasts, so
+    the partial text grows instead of flickering; the final replaces it all.
+    """
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+        self._previous: list[str] | None = None
+
+    def update(self, text: str) -> tuple[str, str]:
+        words = text.split()
+        if self._previous is not None:
+            agreed = 0
+            for a, b in zip(self._previous, words, strict=False):
+                if _norm(a) != _norm(b):
+                    break
+                agreed += 1
+            if agreed > len(self.committed):
+                self.committed += words[len(self.committed) : agreed]
+        self._previous = words
+        rest = words[len(self.committed) :]
+        return " ".join(self.committed), " ".join(rest)
+
+    def reset(self) -> None:
+        self.committed = []
+        self._previous = None
+
+
+@dataclass
+class Utterance:
+    index: int
+    start: int  # absolute sample (with pre-roll)
+    last_speech_end: int
+    voiced: int = 0
+    last_partial_end: int = 0
+    partials: int = 0
+    probs: list[tuple[int, float]] = field(default_factory=list)  # (window end, probability)
+    speculation: tuple[int, Hypothesis] | None = None  # (speech end it covered, result)
+    speculating: int | None = None  # speech end of the speculative decode running now
+    partial_running: bool = False
+
+
+@dataclass
+class Closed:
+    index: int
+    start: int
+    end: int
+    speech_end: int
+    reason: str
+    audio: Samples
+    partials: int
+    speculation: Hypothesis | None = None
+
+
+@dataclass
+class DecodeJob:
+    """One decode planned by `LiveTranscriber.plan`: a partial, a speculation or a final."""
+
+    kind: str
+    audio: Samples
+    utterance: Utterance | None = None
+    closed: Closed | None = None
+    end: int = 0
+    speech_end: int = 0
+
+
+@dataclass
+class Final:
+    """One finished utterance, as kept for the history entry."""
+
+    index: int
+    start: float
+    end: float
+    text: str
+    words: list[Word]
+    language: str
+
+
+class LiveTranscriber:
+    """The synchronous core of a live session; one thread at a time may call it."""
+
+    def __init__(
+        self, decoder: Decoder, config: LiveConfig | None = None, vad: StreamingVad | None = None
+    ) -> None:
+        self.decoder = decoder
+        self.lock = threading.RLock()  # feed/plan/complete; decodes run outside it
+        self.config = config or LiveConfig()
+        self.vad = vad or StreamingVad()
+        self.position = 0  # samples fed so far
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._buffer_start = 0  # absolute sample of _buffer[0]
+        self._vad_position = 0  # samples the VAD has consumed
+        self._arrival_samples: list[int] = []
+        self._arrival_times: list[float] = []
+        self.utterance: Utterance | None = None
+        self.closed: deque[Closed] = deque()
+        self.agreement = Agreement()
+        self.finals: list[Final] = []
+        self.latencies: list[float] = []
+        self.processing_seconds = 0.0
+        self.decodes = 0
+        self._next_index = 0
+        self._last_partial_seconds = 0.0
+        self._finals_running: set[int] = set()
+        self.language = decoder.language or ""
+
+    # --- audio in ---------------------------------------------------------------------------
+    def feed(self, samples: Samples, arrived: float | None = None) -> list[Message]:
+        """Add audio; returns `vad` messages. Cheap (VAD only), never decodes."""
+        with self.lock:
+            return self._feed(samples, time.monotonic() if arrived is None else arrived)
+
+    def _feed(self, samples: Samples, arrived: float) -> list[Message]:
+        self._buffer = np.concatenate([self._buffer, samples.astype(np.float32, copy=False)])
+        self.position += samples.size
+        self._arrival_samples.append(self.position)
+        self._arrival_times.append(arrived)
+        messages: list[Message] = []
+        probs = self.vad(samples)
+        for prob in probs:
+            self._vad_position += WINDOW
+            messages.extend(self._window(self._vad_position, float(prob)))
+        self._trim()
+        return messages
+
+    def _window(self, end: int, prob: float) -> list[Message]:
+        cfg = self.config
+        utt = self.utterance
+        if utt is None:
+            if prob < cfg.threshold:
+                return []
+            start = max(self._buffer_start, end - WINDOW - int(cfg.pre_roll_seconds * SAMPLE_RATE))
+            self.utterance = Utterance(self._next_index, start, end, WINDOW, start)
+            self.utterance.probs.append((end, prob))
+            self._next_index += 1
+            self.agreement.reset()
+            return [{"type": "vad", "speech": True, "at": _sec(end - WINDOW)}]
+        utt.probs.append((end, prob))
+        was_speech = utt.last_speech_end == end - WINDOW
+        if prob >= cfg.threshold or (was_speech and prob >= cfg.neg_threshold):
+            utt.last_speech_end = end
+            utt.voiced += WINDOW
+        if end - utt.last_speech_end >= cfg.silence_seconds * SAMPLE_RATE:
+            self._close("silence", utt.last_speech_end + int(cfg.speech_pad_seconds * SAMPLE_RATE))
+            return [{"type": "vad", "speech": False, "at": _sec(utt.last_speech_end)}]
+        if end - utt.start >= cfg.max_utterance_seconds * SAMPLE_RATE:
+            self._split(end)
+        return []
+
+    def _split(self, end: int) -> None:
+        """An utterance ran too long: cut at the quietest window of its last seconds."""
+        utt = self.utterance
+        assert utt is not None
+        search_from = end - int(self.config.split_search_seconds * SAMPLE_RATE)
+        candidates = [(p, e) for e, p in utt.probs if e >= search_from and e < end]
+        cut = min(candidates)[1] if candidates else end
+        self._close("max_length", cut, speech_end=min(utt.last_speech_end, cut))
+        self.utterance = Utterance(self._next_index, cut, end, end - cut, cut)
+        self.utterance.probs = [(e, p) for e, p in utt.probs if e > cut]
+        self._next_index += 1
+        self.agreement.reset()
+
+    def _close(self, reason: str, end: int, speech_end: int | None = None) -> None:
+        utt = self.utterance
+        assert utt is not None
+        self.utterance = None
+        end = min(end, self.position)
+        speech_end = utt.last_speech_end if speech_end is None else speech_end
+        if utt.voiced < self.config.min_speech_seconds * SAMPLE_RATE and not utt.partials:
+            return  # a click or a breath, not speech
+        audio = self._slice(utt.start, end)
+        speculation = None
+        if utt.speculation is not None and utt.speculation[0] == speech_end:
+            speculation = utt.speculation[1]
+        self.closed.append(
+            Closed(utt.index, utt.start, end, speech_end, reason, audio, utt.partials, speculation)
+        )
+
+    def close(self) -> None:
+        """End the current utterance now (the client pressed stop)."""
+        with self.lock:
+            utt = self.utterance
+            if utt is not None:
+                pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
+                self._close("stop", utt.last_speech_end + pad)
+
+    def _slice(self, start: int, end: int) -> Samples:
+        a = max(0, start - self._buffer_start)
+        b = max(a, end - self._buffer_start)
+        return self._buffer[a:b].copy()
+
+    def _trim(self) -> None:
+        """Keep only the open utterance (or the pre-roll when nobody speaks)."""
+        keep_from = self.position - int(self.config.pre_roll_seconds * SAMPLE_RATE) - WINDOW
+        if self.utterance is not None:
+            keep_from = min(keep_from, self.utterance.start)
+        drop = keep_from - self._buffer_start
+        if drop > 0:
+            self._buffer = self._buffer[drop:]
+            self._buffer_start = keep_from
+        cut = bisect.bisect_left(self._arrival_samples, keep_from)
+        if cut > 1:
+            del self._arrival_samples[: cut - 1]
+            del self._arrival_times[: cut - 1]
+
+    def arrival(self, sample: int) -> float | None:
+        """Wall time at which the audio up to `sample` had arrived."""
+        i = bisect.bisect_left(self._arrival_samples, sample)
+        if i >= len(self._arrival_samples):
+            return None
+        return self._arrival_times[i]
+
+    # --- decoding ---------------------------------------------------------------------------
+    def _speculation_due(self) -> bool:
+        utt = self.utterance
+        if utt is None or utt.voiced < self.config.min_speech_seconds * SAMPLE_RATE:
+            return False
+        paused = self._vad_position - utt.last_speech_end
+        if paused < self.config.speculate_after_seconds * SAMPLE_RATE:
+            return False
+        if utt.speculating == utt.last_speech_end:
+            return False  # being decoded
+        return utt.speculation is None or utt.speculation[0] != utt.last_speech_end
+
+    def _partial_due(self) -> bool:
+        utt = self.utterance
+        if utt is None or utt.partial_running:
+            return False
+        cfg = self.config
+        if self.position - utt.start < cfg.first_partial_seconds * SAMPLE_RATE:
+            return False
+        if self._vad_position > utt.last_speech_end:
+            # a pause may be starting: wait one frame rather than be mid-decode when the
+            # speculative final (or the final) is due
+            return False
+        # slower decodes (a busy machine) space partials out, leaving the CPU to finals
+        interval = max(cfg.partial_interval_seconds, 2 * self._last_partial_seconds)
+        return self.position - utt.last_partial_end >= interval * SAMPLE_RATE
+
+    def has_work(self, skip_partials: bool = False) -> bool:
+        return bool(
+            self.closed or self._speculation_due() or (not skip_partials and self._partial_due())
+        )
+
+    def lag_seconds(self) -> float:
+        """How far finals are behind: audio since the oldest unfinished utterance ended,
+        beyond the silence that had to pass anyway (about one decode time when keeping up)."""
+        with self.lock:
+            ends = [c.speech_end for c in self.closed] + list(self._finals_running)
+            if not ends:
+                return 0.0
+            behind = (self.position - min(ends)) / SAMPLE_RATE
+            return max(0.0, behind - self.config.silence_seconds)
+
+    def plan(self, kind: str) -> DecodeJob | None:
+        """The next decode for a slot: `main` (finals, speculation) or `partial`.
+
+        A planned job is marked as taken; hand its result to `complete`. The two slots may
+        decode at the same time (in two threads), so a pause never waits for a partial.
+        """
+        with self.lock:
+            utt = self.utterance
+            if kind == "main":
+                if self.closed:
+                    closed = self.closed.popleft()
+                    self._finals_running.add(closed.speech_end)
+                    return DecodeJob("final", closed.audio, closed=closed)
+                if utt is not None and self._speculation_due():
+                    pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
+                    end = min(utt.last_speech_end + pad, self.position)
+                    utt.speculating = utt.last_speech_end
+                    return DecodeJob(
+                        "speculation",
+                        self._slice(utt.start, end),
+                        utterance=utt,
+                        end=end,
+                        speech_end=utt.last_speech_end,
+                    )
+                return None
+            if utt is not None and self._partial_due():
+                end = self.position
+                utt.last_partial_end = end
+                utt.partial_running = True
+                return DecodeJob("partial", self._slice(utt.start, end), utterance=utt, end=end)
+            return None
+
+    def decode(self, job: DecodeJob) -> Hypothesis:
+        """Blocking; safe to run for a `main` and a `partial` job at once."""
+        if job.closed is not None and job.closed.speculation is not None:
+            return job.closed.speculation  # the speculative decode already is the final
+        return self.decoder.decode(job.audio, final=job.kind != "partial")
+
+    def complete(self, job: DecodeJob, hyp: Hypothesis) -> list[Message]:
+        with self.lock:
+            if not (job.closed is not None and job.closed.speculation is hyp):
+                self.processing_seconds += hyp.seconds
+                self.decodes += 1
+            if hyp.language:
+                self.language = hyp.language
+            if job.closed is not None:
+                self._finals_running.discard(job.closed.speech_end)
+                return self._finalize(job.closed, hyp)
+            utt = job.utterance
+            assert utt is not None
+            if job.kind == "partial":
+                utt.partial_running = False
+                self._last_partial_seconds = hyp.seconds
+            else:
+                utt.speculating = None
+                if utt is not self.utterance:
+                    # the pause became the end while decoding: this decode is its final
+                    for closed in self.closed:
+                        if closed.index == utt.index and closed.speech_end == job.speech_end:
+                            closed.speculation = hyp
+                    return []
+                utt.speculation = (job.speech_end, hyp)
+            if utt is not self.utterance:
+                return []  # the utterance ended meanwhile: its final replaces this partial
+            return self._partial(utt, hyp, job.end)
+
+    def step(self, skip_partials: bool = False) -> list[Message]:
+        """Run at most one decode (blocking) and return the messages it produced."""
+        job = self.plan("main") or (None if skip_partials else self.plan("partial"))
+        return [] if job is None else self.complete(job, self.decode(job))
+
+    def _partial(self, utt: Utterance, hyp: Hypothesis, end: int) -> list[Message]:
+        if not hyp.text:
+            return []
+        utt.partials += 1
+        stable, unstable = self.agreement.update(hyp.text)
+        arrived = self.arrival(end)
+        return [
+            {
+                "type": "partial",
+                "utterance": utt.index,
+                "text": hyp.text,
+                "stable": stable,
+                "unstable": unstable,
+                "start": _sec(utt.start),
+                "audio_end": _sec(end),
+                "processing_ms": round(hyp.seconds * 1000),
+                "latency_ms": _ms(arrived),
+            }
+        ]
+
+    def _finalize(self, closed: Closed, hyp: Hypothesis) -> list[Message]:
+        reused = closed.speculation is hyp
+        if not hyp.text and not closed.partials:
+            return []
+        offset = closed.start / SAMPLE_RATE
+        words = [
+            Word(round(w.start + offset, 2), round(w.end + offset, 2), w.word, w.probability)
+            for w in hyp.words
+        ]
+        arrived = self.arrival(closed.speech_end)
+        latency = _ms(arrived)
+        if hyp.text:
+            self.finals.append(
+                Final(
+                    closed.index,
+                    _sec(closed.start),
+                    _sec(closed.end),
+                    hyp.text,
+                    words,
+                    hyp.language or self.language,
+                )
+            )
+            if latency is not None:
+                self.latencies.append(latency / 1000)
+        return [
+            {
+                "type": "final",
+                "utterance": closed.index,
+                "text": hyp.text,
+                "start": _sec(closed.start),
+                "end": _sec(closed.end),
+                "speech_end": _sec(closed.speech_end),
+                "reason": closed.reason,
+                "language": hyp.language or self.language,
+                "words": [
+                    {"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                    for w in words
+                ],
+                "processing_ms": round(hyp.seconds * 1000),
+                "speculative": reused,
+                "latency_ms": latency,
+            }
+        ]
+
+    # --- the result ---------------------------------------------------------------------------
+    def transcript(self) -> Transcript:
+        segments = [
+            Segment(id=i, start=f.start, end=f.end, text=" " + f.text, words=tuple(f.words))
+            for i, f in enumerate(self.finals)
+        ]
+        return Transcript(
+            text=" ".join(f.text for f in self.finals),
+            segments=segments,
+            language=self.language or "en",
+            duration=_sec(self.position),
+        )
+
+    def timings(self) -> dict[str, float]:
+        out = {
+            "audio_seconds": _sec(self.position),
+            "processing_seconds": round(self.processing_seconds, 3),
+            "decodes": float(self.decodes),
+        }
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            out["final_latency_median"] = round(ordered[len(ordered) // 2], 3)
+            out["final_latency_max"] = round(ordered[-1], 3)
+        return out
+
+
+def _ms(arrived: float | None) -> float | None:
+    if arrived is None:
+        return None
+    return round((time.monotonic() - arrived) * 1000, 1)
+
+
+def pcm_to_float(pcm: bytes) -> Samples:
+    """PCM s16le bytes -> float32 in [-1, 1)."""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+class BacklogError(Exception):
+    """More audio waits than the session may hold: the engine cannot keep up at all."""
+
+
+class LiveSession:
+    """Drives a `LiveTranscriber` from asyncio: audio in with `feed`, messages out via `emit`.
+
+    The event loop only appends bytes; VAD and decoding run in a worker thread. When audio
+    waits longer than `max_lag_seconds` the session stops decoding partials (finals still
+    come) and reports `lag`; beyond `max_backlog_seconds` it gives up (`BacklogError`).
+    """
+
+    def __init__(
+        self,
+        transcriber: LiveTranscriber,
+        emit: Callable[[Message], None],
+        *,
+        max_lag_seconds: float = 1.0,
+        max_backlog_seconds: float = 60.0,
+        parallel: bool = True,
+    ) -> None:
+        self.core = transcriber
+        self.emit = emit
+        self.parallel = parallel
+        self.max_lag = max_lag_seconds
+        self.max_backlog_bytes = int(max_backlog_seconds * SAMPLE_RATE * 2)
+        self._inbox = bytearray()
+        self._arrivals: list[tuple[int, float]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._aborted = False
+        self._last_lag_report = 0.0
+        self.received_bytes = 0
+
+    def feed(self, pcm: bytes) -> None:
+        if len(pcm) % 2:
+            raise ValueError("PCM frames must hold whole 16-bit samples")
+        if len(self._inbox) + len(pcm) > self.max_backlog_bytes:
+            raise BacklogError(
+                f"the engine is more than {self.max_backlog_bytes // (SAMPLE_RATE * 2)} s behind"
+            )
+        self._inbox += pcm
+        self.received_bytes += len(pcm)
+        self._arrivals.append((len(self._inbox), time.monotonic()))
+        self._wake.set()
+
+    @property
+    def backlog_seconds(self) -> float:
+        return len(self._inbox) / (SAMPLE_RATE * 2)
+
+    def stop(self) -> None:
+        """Ask `run` to close the current utterance, emit every final and return."""
+        self._closing = True
+        self._wake.set()
+
+    def abort(self) -> None:
+        """Ask `run` to return after the decode in progress, dropping what is left."""
+        self._aborted = True
+        self._wake.set()
+
+    def _take(self) -> tuple[bytes, list[tuple[int, float]]]:
+        pcm, arrivals = bytes(self._inbox), self._arrivals
+        self._inbox.clear()
+        self._arrivals = []
+        return pcm, arrivals
+
+    def _feed(self, pcm: bytes, arrivals: list[tuple[int, float]], flush: bool) -> list[Message]:
+        messages: list[Message] = []
+        done = 0
+        for end, arrived in arrivals:
+            messages += self.core.feed(pcm_to_float(pcm[done:end]), arrived)
+            done = end
+        if flush:
+            self.core.close()
+        return messages
+
+    async def run(self) -> None:
+        """Feed audio, keep the two decode slots busy, emit; return after `stop` or `abort`."""
+        slots: dict[str, tuple[asyncio.Task[Hypothesis], DecodeJob] | None] = {
+            "main": None,
+            "partial": None,
+        }
+        flushed = False
+        try:
+            while not self._aborted:
+                self._wake.clear()
+                closing = self._closing
+                lag = max(self.backlog_seconds, self.core.lag_seconds())
+                skip = lag > self.max_lag or closing
+                if lag > self.max_lag and time.monotonic() - self._last_lag_report >= 1.0:
+                    self._last_lag_report = time.monotonic()
+                    self.emit({"type": "lag", "seconds": round(lag, 2), "skipping_partials": True})
+                if self._inbox or (closing and not flushed):
+                    pcm, arrivals = self._take()
+                    flushed = closing
+                    for message in await asyncio.to_thread(self._feed, pcm, arrivals, closing):
+                        self.emit(message)
+                    continue  # more audio may have come meanwhile: feed it before planning
+                for kind in ("main", "partial"):
+                    # a partial may still be decoding when a final starts, but none starts
+                    # while a final is decoding: finals get the CPU first
+                    if kind == "partial" and (skip or slots["main"] is not None):
+                        continue
+                    if not self.parallel and any(slots.values()):
+                        break
+                    if slots[kind] is None:
+                        job = self.core.plan(kind)
+                        if job is not None:
+                            task = asyncio.create_task(asyncio.to_thread(self.core.decode, job))
+                            slots[kind] = (task, job)
+                running = [slot[0] for slot in slots.values() if slot is not None]
+                if closing and flushed and not running and not self.core.has_work(True):
+                    return
+                woken = asyncio.create_task(self._wake.wait())
+                await asyncio.wait([woken, *running], return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                for kind, slot in slots.items():
+                    if slot is not None and slot[0].done():
+                        slots[kind] = None
+                        for message in self.core.complete(slot[1], slot[0].result()):
+                            self.emit(message)
+        finally:
+            # a decode in a worker thread cannot be interrupted: wait for it to end, so the
+            # caller may hand the model back
+            running = [slot[0] for slot in slots.values() if slot is not None]
+            if running:
+                await asyncio.wait(running)

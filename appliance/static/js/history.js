@@ -1,0 +1,126 @@
+// History panel: list (newest first), full-text search, open, export, delete.
+import { FORMATS, api, clock, duration, el } from "./dom.js";
+
+const PAGE = 30;
+const $ = (id) => document.getElementById(id);
+
+let query = "";
+let offset = 0;
+let loaded = false;
+let timer = null;
+
+function title(item) {
+  if (item.filename) return item.filename;
+  return item.source === "live" ? "Live session" : "Transcript";
+}
+
+function when(created) {
+  return new Date(created * 1000).toLocaleString();
+}
+
+function exportLinks(item) {
+  return FORMATS.map((fmt) =>
+    el(
+      "a",
+      { class: "button ghost", href: `/api/history/${item.id}/export?format=${fmt}`, download: `${title(item)}.${fmt}` },
+      fmt.toUpperCase(),
+    ),
+  );
+}
+
+function row(item) {
+  const snippet = item.text.length > 240 ? `${item.text.slice(0, 240)}…` : item.text;
+  return el(
+    "li",
+    { class: "card history-item", dataset: { id: item.id, source: item.source } },
+    el(
+      "div",
+      { class: "card-head" },
+      el("strong", { class: "name" }, title(item)),
+      el("span", { class: `badge source-${item.source}` }, item.source),
+      el("span", { class: "muted" }, `${when(item.created)} · ${duration(item.duration)} · ${item.model}`),
+    ),
+    el("p", { class: "snippet" }, snippet || "(no speech)"),
+    el(
+      "div",
+      { class: "actions" },
+      el("button", { type: "button", onclick: () => open(item) }, "Open"),
+      el("span", { class: "muted" }, "Export:"),
+      exportLinks(item),
+      el("button", { type: "button", class: "ghost danger", onclick: () => remove(item) }, "Delete"),
+    ),
+  );
+}
+
+async function load(reset = true) {
+  if (reset) offset = 0;
+  const params = new URLSearchParams({ q: query, limit: String(PAGE), offset: String(offset) });
+  const list = $("history-list");
+  try {
+    const page = await api(`/api/history?${params}`);
+    const rows = page.items.map(row);
+    if (reset) list.replaceChildren(...rows);
+    else list.append(...rows);
+    offset += page.items.length;
+    $("history-more").hidden = offset >= page.total;
+    $("history-count").textContent = query
+      ? `${page.total} match${page.total === 1 ? "" : "es"} for “${query}”`
+      : `${page.total} transcript${page.total === 1 ? "" : "s"}`;
+    loaded = true;
+  } catch (error) {
+    $("history-count").textContent = `Could not load the history: ${error.message}`;
+  }
+}
+
+async function open(item) {
+  const dialog = $("history-dialog");
+  try {
+    const entry = await api(`/api/history/${item.id}`);
+    $("history-dialog-title").textContent = title(entry);
+    $("history-dialog-meta").textContent =
+      `${entry.source} · ${when(entry.created)} · ${duration(entry.duration)} · ${entry.model} · ${entry.language}`;
+    $("history-dialog-actions").replaceChildren(el("span", { class: "muted" }, "Export:"), ...exportLinks(entry));
+    $("history-dialog-segments").replaceChildren(
+      ...entry.segments.map((s) =>
+        el("li", {}, el("span", { class: "time" }, `${clock(s.start, true)} → ${clock(s.end, true)}`), " ", s.text.trim()),
+      ),
+    );
+    dialog.showModal();
+  } catch (error) {
+    $("history-count").textContent = error.message;
+  }
+}
+
+async function remove(item) {
+  if (!window.confirm(`Delete “${title(item)}” from the history?`)) return;
+  try {
+    await api(`/api/history/${item.id}`, { method: "DELETE" });
+    await load();
+  } catch (error) {
+    $("history-count").textContent = error.message;
+  }
+}
+
+export function initHistory() {
+  $("history-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    query = $("history-search").value.trim();
+    load();
+  });
+  $("history-search").addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      query = $("history-search").value.trim();
+      load();
+    }, 250);
+  });
+  $("history-more").addEventListener("click", () => load(false));
+  $("history-dialog-close").addEventListener("click", () => $("history-dialog").close());
+  document.addEventListener("panel-shown", (event) => {
+    if (event.detail === "history") load();
+  });
+  document.addEventListener("history-changed", () => {
+    if (loaded && !$("panel-history").hidden) load();
+    else loaded = false;
+  });
+}

@@ -1,0 +1,803 @@
+"""The privileged side of self-update: install a signed release, switch to it, prove it works,
+and go back to the previous release and database by itself when it does not.
+
+Runs as root (later: the oneshot `whisper-appliance-update.service`); the web process stays
+unprivileged and only asks for an update. Layout under the root (default /opt/whisper-appliance,
+the same as the Ansible role's):
+
+    releases/<version>/venv/   one virtual environment per release (pip --no-index)
+    releases/<version>/manifest.json(.sig)   what was installed, for audit
+    current -> releases/<version>   the active release (the unit runs current/venv/bin/...)
+    backups/appliance-<version>-<time>.db   SQLite backups taken when leaving <version>
+    staging/   verified downloads and unpacked wheelhouses (removed afterwards)
+
+`apply`: verify (signature, checksum, versions, Python) -> install the new release beside the
+running one -> stop the service -> back up the database (sqlite3 backup API) -> switch `current`
+atomically -> restart -> wait for /health to report the new version -> a test transcription.
+Any failure after the switch rolls back: previous `current`, database restored from the backup,
+restart, health checked again. Update history lives in the database (component "updates"); it
+is carried across a restore so a rollback never loses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from appliance.db import Database
+from appliance.release import (
+    BUNDLE_SUFFIX,
+    DEFAULT_KEY_DIR,
+    MANIFEST,
+    ReleaseError,
+    VerifiedRelease,
+    fetch_verified,
+    load_trusted_keys,
+    staging_dir,
+    unpack_wheelhouse,
+    version_key,
+)
+
+COMPONENT = "updates"
+MIGRATIONS = [
+    """
+    CREATE TABLE update_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started REAL NOT NULL,
+        finished REAL,
+        action TEXT NOT NULL,          -- apply | rollback
+        from_version TEXT,
+        to_version TEXT,
+        source TEXT,
+        status TEXT NOT NULL,          -- running | succeeded | refused | failed
+                                       -- | rolled_back | rollback_failed
+        message TEXT,
+        db_backup TEXT
+    );
+    CREATE INDEX update_history_started ON update_history(started)
+    """,
+]
+HISTORY_COLUMNS = (
+    "id",
+    "started",
+    "finished",
+    "action",
+    "from_version",
+    "to_version",
+    "source",
+    "status",
+    "message",
+    "db_backup",
+)
+DB_NAME = "appliance.db"
+EXIT_OK, EXIT_FAILED, EXIT_ROLLBACK_FAILED = 0, 1, 3
+
+
+class UpdateRefused(Exception):
+    """Refused before anything changed."""
+
+
+class UpdateFailed(Exception):
+    """A step after the switch failed (the caller rolls back)."""
+
+
+def _default_python() -> str:
+    if Path("/usr/bin/python3").exists():
+        return "/usr/bin/python3"
+    return str(getattr(sys, "_base_executable", sys.executable))
+
+
+@dataclass
+class Config:
+    """Where things are and how to drive the service; `from_env` reads UPDATER_* variables."""
+
+    root: Path = Path("/opt/whisper-appliance")
+    data_dir: Path = Path("/var/lib/whisper-appliance")
+    key_dir: Path = DEFAULT_KEY_DIR
+    restart_command: str = "systemctl restart whisper-appliance"
+    stop_command: str = "systemctl stop whisper-appliance"
+    url: str = "https://127.0.0.1:5001"
+    keep: int = 3
+    health_timeout: float = 180.0
+    command_timeout: float = 300.0
+    python: str = field(default_factory=_default_python)
+    clip: Path | None = None
+    expect: str | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        cfg = cls()
+        paths = {"UPDATER_ROOT": "root", "UPDATER_KEY_DIR": "key_dir", "UPDATER_CLIP": "clip"}
+        for var, attr in paths.items():
+            if env.get(var):
+                setattr(cfg, attr, Path(env[var]))
+        data_dir = env.get("UPDATER_DATA_DIR") or env.get("DATA_DIR")
+        if data_dir:
+            cfg.data_dir = Path(data_dir)
+        for var, attr in (
+            ("UPDATER_RESTART_COMMAND", "restart_command"),
+            ("UPDATER_STOP_COMMAND", "stop_command"),
+            ("UPDATER_URL", "url"),
+            ("UPDATER_PYTHON", "python"),
+            ("UPDATER_EXPECT", "expect"),
+        ):
+            if var in env:
+                setattr(cfg, attr, env[var])
+        if env.get("UPDATER_KEEP"):
+            cfg.keep = int(env["UPDATER_KEEP"])
+        if env.get("UPDATER_HEALTH_TIMEOUT"):
+            cfg.health_timeout = float(env["UPDATER_HEALTH_TIMEOUT"])
+        if env.get("UPDATER_API_KEY_FILE"):
+            cfg.api_key = Path(env["UPDATER_API_KEY_FILE"]).read_text().strip()
+        return cfg
+
+
+@dataclass
+class Outcome:
+    status: str
+    from_version: str | None
+    to_version: str | None
+    message: str
+    exit_code: int = EXIT_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "message": self.message,
+        }
+
+
+def silence_wav(seconds: float = 1.0) -> bytes:
+    """A short silent 16 kHz WAV: enough to prove decoding and inference run end to end."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * int(16000 * seconds))
+    return buf.getvalue()
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+class Updater:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.root = cfg.root
+        self.releases = cfg.root / "releases"
+        self.current_link = cfg.root / "current"
+        self.backups = cfg.root / "backups"
+        self.db_path = cfg.data_dir / DB_NAME
+
+    # --- state ------------------------------------------------------------------------------
+    def current_release(self) -> Path | None:
+        if not self.current_link.is_symlink() and not self.current_link.exists():
+            return None
+        target = self.current_link.resolve()
+        return target if target.is_dir() else None
+
+    def current_version(self) -> str | None:
+        release = self.current_release()
+        return release.name if release is not None else None
+
+    def installed(self) -> list[str]:
+        if not self.releases.is_dir():
+            return []
+        names = [
+            p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ]
+        return sorted(names, key=_safe_key)
+
+    def status(self, limit: int = 20) -> dict[str, Any]:
+        target = self._rollback_target()
+        return {
+            "current_version": self.current_version(),
+            "installed": self.installed(),
+            "rollback_to": target[0] if target else None,
+            "history": self.history(limit),
+        }
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".update.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UpdateRefused("another update or rollback is running") from None
+            yield
+
+    # --- history (database component "updates") ---------------------------------------------
+    def _ensure_schema(self) -> None:
+        async def migrate() -> None:
+            db = await Database.open(self.db_path)
+            try:
+                await db.migrate(COMPONENT, MIGRATIONS)
+            finally:
+                await db.close()
+
+        asyncio.run(migrate())
+        self._fix_owner()
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self._ensure_schema()
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+            self._fix_owner()
+
+    def _fix_owner(self) -> None:
+        """Files root creates in the data dir must stay the service user's (it owns the dir)."""
+        if os.geteuid() != 0 or not self.cfg.data_dir.is_dir():
+            return
+        st = self.cfg.data_dir.stat()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = self.db_path.with_name(DB_NAME + suffix)
+            if path.exists():
+                os.chown(path, st.st_uid, st.st_gid)
+
+    def _record(self, row_id: int | None, **values: Any) -> int | None:
+        """Insert (row_id None) or update a history row; history never blocks an update."""
+        try:
+            with self._db() as conn:
+                if row_id is None:
+                    values.setdefault("started", time.time())
+                    cols = ", ".join(values)
+                    marks = ", ".join("?" for _ in values)
+                    cur = conn.execute(
+                        f"INSERT INTO update_history ({cols}) VALUES ({marks})",  # noqa: S608
+                        tuple(values.values()),
+                    )
+                    return cur.lastrowid
+                sets = ", ".join(f"{k} = ?" for k in values)
+                conn.execute(
+                    f"UPDATE update_history SET {sets} WHERE id = ?",  # noqa: S608
+                    (*values.values(), row_id),
+                )
+                return row_id
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            print(f"updater: cannot write the update history: {exc}", file=sys.stderr)
+            return row_id
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        if not self.db_path.exists():
+            return []
+        try:
+            with closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+                conn.row_factory = sqlite3.Row
+                rows = conn.execute(
+                    "SELECT * FROM update_history ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+        except sqlite3.OperationalError:  # no table yet
+            return []
+        finally:
+            self._fix_owner()
+        return [dict(r) for r in rows]
+
+    # --- database backup and restore --------------------------------------------------------
+    def _backup_db(self, label: str) -> Path | None:
+        if not self.db_path.exists():
+            return None
+        self.backups.mkdir(parents=True, exist_ok=True)
+        self.backups.chmod(0o700)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.backups / f"appliance-{label}-{stamp}.db"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.backups / f"appliance-{label}-{stamp}-{n}.db"
+        with (
+            closing(sqlite3.connect(self.db_path, timeout=30)) as src,
+            closing(sqlite3.connect(dest)) as dst,
+        ):
+            src.backup(dst)
+        dest.chmod(0o600)
+        self._fix_owner()
+        return dest
+
+    def _restore_db(self, backup: Path) -> None:
+        """Put the backup's content back into the live file, keeping the update history."""
+        rows = self.history(limit=1_000_000)
+        with (
+            closing(sqlite3.connect(backup)) as src,
+            closing(sqlite3.connect(self.db_path, timeout=30)) as dst,
+        ):
+            src.backup(dst)
+        with self._db() as conn:
+            conn.execute("DELETE FROM update_history")
+            marks = ", ".join("?" for _ in HISTORY_COLUMNS)
+            conn.executemany(
+                f"INSERT INTO update_history ({', '.join(HISTORY_COLUMNS)}) VALUES ({marks})",  # noqa: S608
+                [tuple(r.get(c) for c in HISTORY_COLUMNS) for r in reversed(rows)],
+            )
+
+    # --- service ----------------------------------------------------------------------------
+    def _run(self, command: str, what: str) -> None:
+        if not command.strip():
+            return
+        try:
+            result = subprocess.run(
+                shlex.split(command),
+                capture_output=True,
+                text=True,
+                timeout=self.cfg.command_timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UpdateFailed(f"{what} command {command!r} failed: {exc}") from None
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip()[-500:]
+            raise UpdateFailed(f"{what} command {command!r} exited {result.returncode}: {tail}")
+
+    def _client(self) -> httpx.Client:
+        host = urlsplit(self.cfg.url).hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        # our own service on loopback, with the certificate of its own CA: no MITM to fear
+        return httpx.Client(verify=not loopback, timeout=10)
+
+    def check_service(self, version: str) -> str:
+        """Wait for /health to be green on `version`, then transcribe the test clip."""
+        base = self.cfg.url.rstrip("/")
+        deadline = time.monotonic() + self.cfg.health_timeout
+        last = "no answer"
+        with self._client() as client:
+            while True:
+                try:
+                    r = client.get(f"{base}/health")
+                    running = _json_field(r, "version")
+                    if r.status_code == 200 and running == version:
+                        break
+                    last = f"/health answered HTTP {r.status_code}, version {running}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    last = f"/health: {exc.__class__.__name__}: {exc}"
+                if time.monotonic() > deadline:
+                    raise UpdateFailed(
+                        f"not healthy on {version} after {self.cfg.health_timeout:.0f} s: {last}"
+                    )
+                time.sleep(1)
+            clip = self.cfg.clip.read_bytes() if self.cfg.clip else silence_wav()
+            name = self.cfg.clip.name if self.cfg.clip else "silence.wav"
+            headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+            try:
+                r = client.post(
+                    f"{base}/transcribe",
+                    files={"file": (name, clip, "audio/wav")},
+                    headers=headers,
+                    timeout=max(60.0, self.cfg.health_timeout),
+                )
+            except httpx.HTTPError as exc:
+                raise UpdateFailed(f"test transcription: {exc.__class__.__name__}: {exc}") from None
+        if r.status_code in (401, 403) and not self.cfg.api_key:
+            return (
+                "healthy; test transcription skipped: API keys are required (UPDATER_API_KEY_FILE)"
+            )
+        if r.status_code != 200:
+            raise UpdateFailed(f"test transcription answered HTTP {r.status_code}: {r.text[:300]}")
+        text = _json_field(r, "text")
+        if not isinstance(text, str):
+            raise UpdateFailed("test transcription returned no text")
+        if self.cfg.expect and _words(self.cfg.expect) not in _words(text):
+            raise UpdateFailed(
+                f"test transcription gave {text[:200]!r}, expected {self.cfg.expect!r}"
+            )
+        return f"healthy; test transcription: {text.strip()[:120]!r}"
+
+    # --- releases ---------------------------------------------------------------------------
+    def _switch(self, release: Path) -> None:
+        """Point `current` at the release atomically (rename over the old link)."""
+        tmp = self.root / f".current.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(release.relative_to(self.root))
+        tmp.replace(self.current_link)
+
+    def _pip_env(self) -> dict[str, str]:
+        # a machine-wide PIP_FIND_LINKS/PIP_INDEX_URL must not leak into an offline install
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+        return env
+
+    def _python_version(self) -> str:
+        out = subprocess.run(
+            [self.cfg.python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return out.stdout.strip()
+
+    def _install(self, rel: VerifiedRelease, stage: Path) -> Path:
+        version = rel.manifest.version
+        wheelhouse = stage / "wheelhouse"
+        unpack_wheelhouse(rel.tarball, wheelhouse)
+        rel.tarball.unlink()
+        target = self.releases / version
+        if target.exists():  # a leftover of a failed attempt, or an old kept release
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        try:
+            steps = [
+                [self.cfg.python, "-I", "-m", "venv", str(target / "venv")],
+                [
+                    str(target / "venv" / "bin" / "python"),
+                    "-I",
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-index",
+                    "--no-cache-dir",
+                    "--find-links",
+                    str(wheelhouse),
+                    f"whisper-appliance=={version}",
+                ],
+            ]
+            for argv in steps:
+                result = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    env=self._pip_env(),
+                    cwd=target,  # not the caller's directory: a source tree there shadows
+                    timeout=1800,
+                    check=False,
+                )
+                if result.returncode != 0:
+                    tail = (result.stderr or result.stdout).strip()[-800:]
+                    raise UpdateRefused(f"installing {version} failed: {argv[3]}: {tail}")
+            probe = subprocess.run(
+                [
+                    str(target / "venv" / "bin" / "python"),
+                    "-I",
+                    "-c",
+                    "from importlib.metadata import version; print(version('whisper-appliance'))",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=target,
+                timeout=120,
+                check=False,
+            )
+            if probe.stdout.strip() != version:
+                raise UpdateRefused(
+                    f"the installed release reports version {probe.stdout.strip()!r}, "
+                    f"not {version}: {probe.stderr.strip()[-300:]}"
+                )
+            (target / MANIFEST).write_bytes(rel.manifest_raw)
+            sums = wheelhouse / "SHA256SUMS"
+            if sums.is_file():  # the Ansible role's marker: same wheelhouse, no reinstall
+                digest = hashlib.sha256(sums.read_text().rstrip().encode()).hexdigest()
+                (target / ".wheelhouse.sha256").write_text(digest + "\n")
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        return target
+
+    def _rollback_target(self) -> tuple[str, Path | None] | None:
+        """(version, database backup) that a manual rollback goes to."""
+        current = self.current_version()
+        if current is None:
+            return None
+        for row in self.history(limit=1000):
+            if (
+                row["status"] == "succeeded"
+                and row["to_version"] == current
+                and row["from_version"]
+                and (self.releases / row["from_version"]).is_dir()
+            ):
+                backup = Path(row["db_backup"]) if row["db_backup"] else None
+                return row["from_version"], backup if backup and backup.exists() else None
+        others = (
+            [p for p in self.releases.iterdir() if p.is_dir() and p.name != current]
+            if (self.releases.is_dir())
+            else []
+        )
+        others = [p for p in others if not p.name.startswith(".")]
+        if not others:
+            return None
+        newest = max(others, key=lambda p: p.stat().st_mtime)
+        return newest.name, None
+
+    def _prune(self, protect: set[str]) -> None:
+        releases = [p for p in self.releases.iterdir() if p.is_dir() and p.name not in protect]
+        releases = [p for p in releases if not p.name.startswith(".")]
+        releases.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        room = max(0, self.cfg.keep - len(protect))
+        for old in releases[room:]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.backups.is_dir():
+            backups = sorted(self.backups.glob("appliance-*.db"), key=lambda p: p.stat().st_mtime)
+            for old in backups[: max(0, len(backups) - self.cfg.keep)]:
+                old.unlink(missing_ok=True)
+
+    def _activate(self, release: Path, version: str, restore: Path | None) -> str:
+        self._run(self.cfg.stop_command, "stop")
+        if restore is not None:
+            self._restore_db(restore)
+        self._switch(release)
+        self._run(self.cfg.restart_command, "restart")
+        return self.check_service(version)
+
+    # --- apply ------------------------------------------------------------------------------
+    def apply(
+        self, source: str, *, allow_downgrade: bool = False, consume: bool = False
+    ) -> Outcome:
+        try:
+            with self._locked():
+                try:
+                    return self._apply(source, allow_downgrade)
+                finally:
+                    if consume:  # processed (whatever the outcome): never picked up twice
+                        _consume(Path(source))
+        except UpdateRefused as exc:  # the lock is taken: leave the upload for its turn
+            return Outcome("refused", self.current_version(), None, str(exc), EXIT_FAILED)
+
+    def _apply(self, source: str, allow_downgrade: bool) -> Outcome:
+        previous = self.current_release()
+        from_version = previous.name if previous else None
+        row = self._record(
+            None, action="apply", from_version=from_version, source=source, status="running"
+        )
+
+        def refuse(message: str) -> Outcome:
+            self._record(row, status="refused", finished=time.time(), message=message)
+            return Outcome("refused", from_version, None, message, EXIT_FAILED)
+
+        with staging_dir(self.root / "staging") as stage:
+            try:
+                rel = fetch_verified(source, stage, load_trusted_keys(self.cfg.key_dir))
+                manifest = rel.manifest
+                self._record(row, to_version=manifest.version)
+                self._check_versions(
+                    manifest.version, manifest.min_from_version, from_version, allow_downgrade
+                )
+                python = self._python_version()
+                if python != manifest.python:
+                    raise UpdateRefused(
+                        f"the release is built for Python {manifest.python}, "
+                        f"{self.cfg.python} is {python}"
+                    )
+                new = self._install(rel, stage)
+            except (ReleaseError, UpdateRefused, httpx.HTTPError, OSError) as exc:
+                return refuse(str(exc) or exc.__class__.__name__)
+            except subprocess.SubprocessError as exc:
+                return refuse(f"{exc.__class__.__name__}: {exc}")
+        to_version = manifest.version
+        backup: Path | None = None
+        try:
+            self._run(self.cfg.stop_command, "stop")
+            backup = self._backup_db(from_version or "none")
+            self._record(row, db_backup=str(backup) if backup else None)
+            self._switch(new)
+            self._run(self.cfg.restart_command, "restart")
+            message = self.check_service(to_version)
+        except (UpdateFailed, OSError, sqlite3.Error) as exc:
+            return self._roll_back_after(row, previous, new, backup, to_version, str(exc))
+        self._record(row, status="succeeded", finished=time.time(), message=message)
+        self._prune({to_version} | ({from_version} if from_version else set()))
+        return Outcome("succeeded", from_version, to_version, message)
+
+    def _check_versions(
+        self, new: str, min_from: str | None, current: str | None, allow_downgrade: bool
+    ) -> None:
+        if current is None:
+            return
+        if new == current:
+            raise UpdateRefused(f"{new} is already the running release")
+        try:
+            older = version_key(new) < version_key(current)
+            too_old = min_from is not None and version_key(current) < version_key(min_from)
+        except ReleaseError:
+            older, too_old = False, False
+        if older and not allow_downgrade:
+            raise UpdateRefused(f"{new} is older than the running {current} (use rollback)")
+        if too_old:
+            raise UpdateRefused(f"{new} can only be installed over {min_from} or newer")
+
+    def _roll_back_after(
+        self,
+        row: int | None,
+        previous: Path | None,
+        failed: Path,
+        backup: Path | None,
+        to_version: str,
+        reason: str,
+    ) -> Outcome:
+        from_version = previous.name if previous else None
+        if previous is None:
+            msg = f"{to_version} failed and there is no previous release to go back to: {reason}"
+            self._record(row, status="failed", finished=time.time(), message=msg)
+            return Outcome("failed", None, to_version, msg, EXIT_ROLLBACK_FAILED)
+        try:
+            check = self._activate(previous, previous.name, backup)
+        except (UpdateFailed, OSError, sqlite3.Error) as exc:
+            msg = (
+                f"{to_version} failed ({reason}); rolling back to {previous.name} failed too: {exc}"
+            )
+            self._record(row, status="rollback_failed", finished=time.time(), message=msg)
+            return Outcome("rollback_failed", from_version, to_version, msg, EXIT_ROLLBACK_FAILED)
+        shutil.rmtree(failed, ignore_errors=True)
+        msg = f"{to_version} failed ({reason}); rolled back to {previous.name}: {check}"
+        self._record(row, status="rolled_back", finished=time.time(), message=msg)
+        return Outcome("rolled_back", from_version, to_version, msg, EXIT_FAILED)
+
+    # --- manual rollback --------------------------------------------------------------------
+    def rollback(self, to_version: str | None = None, *, keep_db: bool = False) -> Outcome:
+        try:
+            with self._locked():
+                return self._rollback(to_version, keep_db)
+        except UpdateRefused as exc:
+            return Outcome("refused", self.current_version(), to_version, str(exc), EXIT_FAILED)
+
+    def _rollback(self, to_version: str | None, keep_db: bool) -> Outcome:
+        current = self.current_release()
+        if current is None:
+            raise UpdateRefused("no current release")
+        target = self._rollback_target()
+        backup: Path | None = None
+        if to_version is None:
+            if target is None:
+                raise UpdateRefused("no earlier release is installed")
+            to_version, backup = target
+        elif target is not None and target[0] == to_version:
+            backup = target[1]
+        release = self.releases / to_version
+        if to_version == current.name or not release.is_dir():
+            raise UpdateRefused(f"{to_version} is not an installed release other than the current")
+        if keep_db:
+            backup = None
+        saved: Path | None = None
+        row = self._record(
+            None,
+            action="rollback",
+            from_version=current.name,
+            to_version=to_version,
+            source="manual",
+            status="running",
+        )
+        try:
+            self._run(self.cfg.stop_command, "stop")
+            saved = self._backup_db(f"{current.name}-before-rollback")
+            self._record(row, db_backup=str(saved) if saved else None)
+            message = self._activate(release, to_version, backup)
+        except (UpdateFailed, OSError, sqlite3.Error) as exc:
+            try:  # back to where we were, with the database as it was
+                check = self._activate(current, current.name, saved if backup else None)
+            except (UpdateFailed, OSError, sqlite3.Error) as exc2:
+                msg = (
+                    f"rollback to {to_version} failed ({exc}); "
+                    f"restoring {current.name} failed: {exc2}"
+                )
+                self._record(row, status="rollback_failed", finished=time.time(), message=msg)
+                return Outcome(
+                    "rollback_failed", current.name, to_version, msg, EXIT_ROLLBACK_FAILED
+                )
+            msg = f"rollback to {to_version} failed ({exc}); still on {current.name}: {check}"
+            self._record(row, status="failed", finished=time.time(), message=msg)
+            return Outcome("failed", current.name, to_version, msg, EXIT_FAILED)
+        restored = f"database restored from {backup.name}" if backup else "database kept"
+        message = f"{message}; {restored}"
+        self._record(row, status="succeeded", finished=time.time(), message=message)
+        return Outcome("succeeded", current.name, to_version, message)
+
+
+def _consume(source: Path) -> None:
+    """Remove a processed upload: the bundle file, or every bundle in an upload directory."""
+    if source.is_file():
+        source.unlink()
+    elif source.is_dir() and not (source / MANIFEST).exists():
+        for bundle in source.glob("*" + BUNDLE_SUFFIX):
+            bundle.unlink()
+
+
+def _json_field(response: httpx.Response, name: str) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
+
+
+def _safe_key(name: str) -> tuple[Any, ...]:
+    try:
+        return (0, version_key(name))
+    except ReleaseError:
+        return (1, name)
+
+
+# --- command line -----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m appliance.updater",
+        description="Apply a signed release, roll back, or show the update status (as root).",
+    )
+    parser.add_argument("--root", type=Path, help="install root (/opt/whisper-appliance)")
+    parser.add_argument("--data-dir", type=Path, help="DATA_DIR holding appliance.db")
+    parser.add_argument("--keys", type=Path, help="directory of trusted release keys (*.pub)")
+    parser.add_argument("--restart-command", help="default: systemctl restart whisper-appliance")
+    parser.add_argument("--stop-command", help="default: systemctl stop whisper-appliance")
+    parser.add_argument("--url", help="the service's base URL (https://127.0.0.1:5001)")
+    parser.add_argument("--keep", type=int, help="releases kept, the current one included (3)")
+    parser.add_argument("--health-timeout", type=float, help="seconds to wait for /health")
+    parser.add_argument("--clip", type=Path, help="audio for the test transcription")
+    parser.add_argument("--expect", help="words the test transcription must contain")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ap = sub.add_parser("apply", help="verify, install and switch to a release")
+    ap.add_argument("source", help="release directory, *.release.tar bundle, upload dir or URL")
+    ap.add_argument("--allow-downgrade", action="store_true")
+    ap.add_argument("--consume", action="store_true", help="delete the bundle file afterwards")
+    rb = sub.add_parser("rollback", help="go back to the previous (or a named) release")
+    rb.add_argument("--to", dest="to_version", help="an installed version")
+    rb.add_argument("--keep-db", action="store_true", help="keep the current database")
+    st = sub.add_parser("status", help="current release, installed ones and the history")
+    st.add_argument("--limit", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    cfg = Config.from_env()
+    for attr, value in (
+        ("root", args.root),
+        ("data_dir", args.data_dir),
+        ("key_dir", args.keys),
+        ("restart_command", args.restart_command),
+        ("stop_command", args.stop_command),
+        ("url", args.url),
+        ("keep", args.keep),
+        ("health_timeout", args.health_timeout),
+        ("clip", args.clip),
+        ("expect", args.expect),
+    ):
+        if value is not None:
+            setattr(cfg, attr, value)
+    updater = Updater(cfg)
+    if args.command == "status":
+        print(json.dumps(updater.status(args.limit), indent=2))
+        return EXIT_OK
+    if args.command == "apply":
+        outcome = updater.apply(
+            args.source, allow_downgrade=args.allow_downgrade, consume=args.consume
+        )
+    else:
+        outcome = updater.rollback(args.to_version, keep_db=args.keep_db)
+    print(json.dumps(outcome.as_dict(), indent=2))
+    return outcome.exit_code
+
+
+__all__ = ["MIGRATIONS", "Config", "Outcome", "Updater", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""One engine configuration in its own process, so its peak RSS is its own.
+
+    python -m bench.worker --engine faster-whisper --compute-type int8 --threads 1 \
+        --model tiny.en --out result.json
+
+Loads the model, warms it up on the first clip, then decodes and transcribes every clip once
+with the appliance's default options, and writes wall and CPU timings, texts and peak RSS as
+JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+from appliance.audio import decode
+from appliance.engines.base import SAMPLE_RATE, Engine, TranscribeOptions
+from bench.common import WORK, clips, model_dir
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries the
+    parent's peak over fork + exec into it, so a child would report the bench's own torch."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
+def build_engine(name: str, compute_type: str, threads: int) -> Engine:
+    if name == "faster-whisper":
+        from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+
+        return FasterWhisperEngine(compute_type, cpu_threads=threads, workers=1)
+    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+
+    return OpenAIWhisperEngine(cpu_threads=threads, cache_dir=WORK / "openai-whisper")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=("faster-whisper", "openai-whisper"), required=True)
+    parser.add_argument("--compute-type", default="int8")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    engine = build_engine(args.engine, args.compute_type, args.threads)
+    options = TranscribeOptions()
+    started = time.perf_counter()
+    model = engine.load(model_dir(args.model))
+    load_s = time.perf_counter() - started
+
+    all_clips = clips()
+    warm = decode(all_clips[0].path)
+    list(model.transcribe(warm, options)[1])  # first-call costs (allocations, caches)
+
+    results = []
+    for clip in all_clips:
+        # Wall time is what a user waits; process CPU time (all threads) is what the work costs
+        # and barely moves when other jobs share the machine.
+        t0, c0 = time.perf_counter(), time.process_time()
+        audio = decode(clip.path)
+        t1, c1 = time.perf_counter(), time.process_time()
+        _, segments = model.transcribe(audio, options)
+        text = "".join(s.text for s in segments).strip()
+        t2, c2 = time.perf_counter(), time.process_time()
+        results.append(
+            {
+                "clip": clip.name,
+                "audio_s": audio.shape[0] / SAMPLE_RATE,
+                "decode_s": t1 - t0,
+                "transcribe_s": t2 - t1,
+                "decode_cpu_s": c1 - c0,
+                "transcribe_cpu_s": c2 - c1,
+                "text": text,
+            }
+        )
+    model.close()
+    peak_mb = peak_rss_mb()
+    args.out.write_text(
+        json.dumps({"load_s": load_s, "peak_rss_mb": peak_mb, "clips": results}), encoding="utf-8"
+    )
+
+
+if __name__ == "__main__":
+    main()

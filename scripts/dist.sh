@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds dist/wheelhouse/: the appliance wheel plus every wheel pinned in requirements.lock
+# (bundled models included), for CPython 3.11 on x86_64 Linux (Debian 12's python3), so a
+# target installs with `pip install --no-index --find-links dist/wheelhouse whisper-appliance`
+# and never needs PyPI. Writes VERSION, PYTHON and SHA256SUMS next to the wheels.
+# DIST_PYTHON=3.12 builds dist/wheelhouse-py3.12 instead (Ubuntu 24.04).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PIP=("$VENV/bin/pip" --disable-pip-version-check)
+DIST_PYTHON=${DIST_PYTHON:-3.11}
+[[ $DIST_PYTHON =~ ^3\.[0-9]+$ ]] || { echo "DIST_PYTHON must look like 3.11" >&2; exit 2; }
+OUT=dist/wheelhouse
+[ "$DIST_PYTHON" = 3.11 ] || OUT=dist/wheelhouse-py$DIST_PYTHON
+TMP=$OUT.tmp
+CP=cp${DIST_PYTHON/./}
+# Target interpreter and platform: Debian 12 ships CPython 3.11 and glibc 2.36 (Ubuntu 24.04:
+# 3.12, glibc 2.39 - its manylinux_2_36-and-older wheels are fine).
+# pip does not widen --platform to older manylinux tags itself, so list them all.
+TARGET=(--python-version "$DIST_PYTHON" --implementation cp --abi "$CP" --abi abi3 --abi none)
+for glibc in $(seq 36 -1 5); do TARGET+=(--platform "manylinux_2_${glibc}_x86_64"); done
+TARGET+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
+
+msg() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
+
+rm -rf "$TMP"
+mkdir -p "$TMP"
+msg "building the appliance wheel"
+"${PIP[@]}" wheel -q --no-deps -w "$TMP" .
+msg "downloading the pinned dependency wheels (requirements.lock)"
+"${PIP[@]}" download -q --no-deps --only-binary :all: "${TARGET[@]}" -d "$TMP" -r requirements.lock
+
+wheel=$(find "$TMP" -maxdepth 1 -name 'whisper_appliance-*.whl' -printf '%f\n')
+version=$(printf '%s' "$wheel" | cut -d- -f2)
+[ -n "$version" ] || { echo "no whisper_appliance wheel was built" >&2; exit 1; }
+printf '%s\n' "$version" >"$TMP/VERSION"
+printf '%s\n' "$DIST_PYTHON" >"$TMP/PYTHON"
+(cd "$TMP" && sha256sum -- *.whl >SHA256SUMS)
+
+# Every pinned requirement must have exactly one wheel here, or the offline install fails later.
+expected=$(grep -cvE '^\s*(#|$)' requirements.lock)
+got=$(( $(find "$TMP" -maxdepth 1 -name '*.whl' | wc -l) - 1 ))
+[ "$got" -eq "$expected" ] || { echo "expected $expected dependency wheels, got $got" >&2; exit 1; }
+
+rm -rf "$OUT"
+mv "$TMP" "$OUT"
+msg "$OUT: whisper-appliance $version + $got wheels, $(du -sh "$OUT" | cut -f1)"

