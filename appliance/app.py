@@ -39,6 +39,7 @@ async def start_services(settings: Settings) -> Services:
         compute_type=settings.compute_type,
         cpu_threads=settings.cpu_threads,
         workers=settings.workers,
+        cache_dir=settings.data_dir / "cache",
     )
     models = ModelManager(
         engine,

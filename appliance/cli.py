@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.models import ModelError, ModelManager
 
     engine = create_engine(
-        settings.engine, compute_type=settings.compute_type, cpu_threads=1, workers=1
+        settings.engine,
+        compute_type=settings.compute_type,
+        cpu_threads=1,
+        workers=1,
+        cache_dir=settings.data_dir / "cache",
     )
     manager = ModelManager(engine, settings.models_dir, hub_url=settings.model_hub_url)
     try:

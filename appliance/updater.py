@@ -422,7 +422,11 @@ class Updater:
         """Point `current` at the release atomically (rename over the old link)."""
         tmp = self.root / f".current.{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(release.relative_to(self.root))
+        try:  # relative, as the tests copy roots around; Ansible's absolute links work too
+            target = release.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            target = release.resolve()
+        tmp.symlink_to(target)
         tmp.replace(self.current_link)
 
     def _pip_env(self) -> dict[str, str]:

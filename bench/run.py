@@ -53,12 +53,9 @@ def build_sections(names: list[str], models: list[str], threads: int) -> list[Se
     engines = EnginesSection(models, threads)
     available: dict[str, Section] = {
         "engines": engines,
-        "service": ServiceSection(engines, threads),
+        "service": ServiceSection(threads),
         "live": LiveSection(),
     }
-    # The service is compared with the bare engine's numbers: it needs that section's runs.
-    if "service" in names and "engines" not in names:
-        names = ["engines", *names]
     return [available[n] for n in SECTIONS if n in names]
 
 
@@ -125,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "(other work on the machine slows every configuration alike; rounds are interleaved).",
         "",
         f"Clips: {len(all_clips)} ({', '.join(c.name for c in all_clips)}), "
-        f"{args.rounds} round(s), best round per clip. RTF = audio seconds / wall seconds "
-        "(higher is faster). WER on lower-cased text without punctuation. Default options "
-        "(beam 5, temperature fallback, no VAD).",
+        f"{args.rounds} round(s), best round per clip. RTF = audio seconds / seconds taken "
+        "(higher is faster), on the wall clock and on CPU time (user + system, all threads); "
+        "the engine and service verdicts use CPU time, which other work on the machine "
+        "disturbs far less than wall time. WER on lower-cased text without punctuation. "
+        "Default options (beam 5, temperature fallback, no VAD).",
         "",
         f"Acceptance: {verdict}",
         "",

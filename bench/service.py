@@ -1,10 +1,11 @@
 """The HTTP service against the bare engine it runs: a real `whisper-appliance serve`
 (Hypercorn, plain HTTP, temp data dir) on a free port, every clip POSTed to `/transcribe`.
 
-Overhead = service wall time (upload, probe, decode, queue, inference, history write, response)
-over the bare engine's decode + transcribe time, same engine settings, same clips, best of the
-same number of rounds. The service is started once and measured in every round, interleaved
-with the bare engines, so both see the same machine load.
+Overhead = service time (upload, probe, decode, queue, inference, history write, response)
+over the bare engine's decode + transcribe time, same engine settings, same clips. The bare
+engine is a `bench.worker --serve` process kept alive next to the server, and every clip is
+measured as a pair (bare, then HTTP) back to back, so both see the same machine load; per clip
+the best round counts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, normalise, wer
-from bench.engines import FASTER_INT8, EnginesSection
+from bench.engines import FASTER_INT8, summarise
 
 MODEL = "tiny.en"
 
@@ -88,8 +89,7 @@ class RssSampler(threading.Thread):
 class ServiceSection:
     title = "HTTP service vs bare engine"
 
-    def __init__(self, engines: EnginesSection, threads: int) -> None:
-        self.engines = engines
+    def __init__(self, threads: int) -> None:
         self.threads = threads
         self.bare_key = f"{FASTER_INT8} · {MODEL}"
         self.error: str | None = None
@@ -97,13 +97,12 @@ class ServiceSection:
         self.url = ""
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self.sampler: RssSampler | None = None
-        # per round: clip name -> wall s, text, audio s, server-side decode + transcribe s
-        self.rounds: list[dict[str, Sample]] = []
+        self.rounds: list[dict[str, Sample]] = []  # per round: clip name -> HTTP sample
+        self.bare_rounds: list[dict[str, dict[str, Any]]] = []  # same clips, bare engine
+        self.bare: subprocess.Popen[str] | None = None
+        self.bare_peak_mb = 0.0
 
     def setup(self, ctx: Any) -> None:
-        if self.bare_key not in self.engines.runs:
-            self.error = f"needs the bare {self.bare_key} run ({MODEL} in --models)"
-            return
         try:
             import httpx  # noqa: F401
 
@@ -138,6 +137,18 @@ class ServiceSection:
                 stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{port}"
+        self.bare = subprocess.Popen(
+            [
+                sys.executable, "-m", "bench.worker", "--serve",
+                "--engine", "faster-whisper", "--compute-type", "int8",
+                "--threads", str(self.threads), "--model", MODEL,
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
         self.sampler = RssSampler(self.process.pid)
         self.sampler.start()
         self.error = self._wait_healthy(timeout=180)
@@ -171,7 +182,13 @@ class ServiceSection:
 
         assert self.process is not None
         results: dict[str, Sample] = {}
+        bare: dict[str, dict[str, Any]] = {}
         for clip in ctx.clips[:1] if warm_up else ctx.clips:
+            if not warm_up:
+                reply = self._ask_bare(str(clip.path))
+                if reply is None:
+                    return "the bare engine worker died"
+                bare[clip.name] = {**reply, "clip": clip.name}
             body = clip.path.read_bytes()
             cpu_before = cpu_seconds(self.process.pid)
             started = time.perf_counter()
@@ -200,7 +217,23 @@ class ServiceSection:
             )
         if not warm_up:
             self.rounds.append(results)
+            self.bare_rounds.append(bare)
         return None
+
+    def _ask_bare(self, line: str) -> dict[str, Any] | None:
+        import json
+
+        assert self.bare is not None and self.bare.stdin and self.bare.stdout
+        try:
+            self.bare.stdin.write(line + "\n")
+            self.bare.stdin.flush()
+            answer = self.bare.stdout.readline()
+        except OSError:
+            return None
+        if not answer:
+            return None
+        reply: dict[str, Any] = json.loads(answer)
+        return reply
 
     def run_round(self, ctx: Any, index: int) -> None:
         if self.error is None:
@@ -210,6 +243,14 @@ class ServiceSection:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+        if self.bare is not None:
+            if self.bare.stdin:
+                self.bare.stdin.close()
+            try:
+                self.bare.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.bare.kill()
+                self.bare.wait()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -223,10 +264,17 @@ class ServiceSection:
     def report(self, ctx: Any) -> str:
         if self.error is not None:
             return f"Not measured: {self.error}"
-        bare = self.engines.results(ctx.references).get(self.bare_key)
-        if bare is None or not self.rounds:
-            return f"Not measured: the bare {self.bare_key} run failed"
+        if not self.rounds:
+            return "Not measured: no round completed"
+        if self.bare is not None and self.bare.poll() is None:
+            reply = self._ask_bare("")  # an empty line asks for the worker's peak RSS
+            self.bare_peak_mb = float(reply["peak_rss_mb"]) if reply else 0.0
         names = list(self.rounds[0])
+        bare = summarise(
+            [{"load_s": 0.0, "peak_rss_mb": self.bare_peak_mb, "clips": list(r.values())}
+             for r in self.bare_rounds],
+            ctx.references,
+        )  # fmt: skip
         best = {n: min((r[n] for r in self.rounds), key=lambda s: s.wall) for n in names}
         texts = {n: best[n].text for n in names}
         audio_s = sum(best[n].audio_s for n in names)
@@ -264,7 +312,7 @@ class ServiceSection:
                 f"(job timings) and {service_s - inner_s:.2f} s everything else (HTTP, upload, "
                 "probe, queue, history). Per clip:",
                 "",
-                "| Clip | Audio s | Bare s | Service s | Service inner s | Overhead % |",
+                "| Clip | Audio s | Bare s | Service s | Service inner s | Overhead % (wall) |",
                 "|---|---:|---:|---:|---:|---:|",
                 *(
                     f"| {n} | {best[n].audio_s:.1f} | {bare.per_clip[n]:.2f} | {best[n].wall:.2f} "

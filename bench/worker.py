@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.audio import decode
-from appliance.engines.base import SAMPLE_RATE, Engine, TranscribeOptions
+from appliance.engines.base import SAMPLE_RATE, Engine, LoadedModel, TranscribeOptions
 from bench.common import WORK, clips, model_dir
 
 
@@ -40,50 +43,65 @@ def build_engine(name: str, compute_type: str, threads: int) -> Engine:
     return OpenAIWhisperEngine(cpu_threads=threads, cache_dir=WORK / "openai-whisper")
 
 
+def measure(model: LoadedModel, path: Path, name: str) -> dict[str, Any]:
+    """Decode and transcribe one clip with the appliance's default options."""
+    # Wall time is what a user waits; process CPU time (all threads) is what the work costs
+    # and moves less when other jobs share the machine.
+    t0, c0 = time.perf_counter(), time.process_time()
+    audio = decode(path)
+    t1, c1 = time.perf_counter(), time.process_time()
+    _, segments = model.transcribe(audio, TranscribeOptions())
+    text = "".join(s.text for s in segments).strip()
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {
+        "clip": name,
+        "audio_s": audio.shape[0] / SAMPLE_RATE,
+        "decode_s": t1 - t0,
+        "transcribe_s": t2 - t1,
+        "decode_cpu_s": c1 - c0,
+        "transcribe_cpu_s": c2 - c1,
+        "text": text,
+    }
+
+
+def serve(model: LoadedModel) -> None:
+    """--serve: one clip path per stdin line, one JSON result per stdout line (paired runs)."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
+    for line in sys.stdin:
+        path = Path(line.strip())
+        reply = measure(model, path, path.stem) if line.strip() else {"peak_rss_mb": peak_rss_mb()}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", choices=("faster-whisper", "openai-whisper"), required=True)
     parser.add_argument("--compute-type", default="int8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="tiny.en")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--serve", action="store_true", help="answer clip paths from stdin")
     args = parser.parse_args()
 
     engine = build_engine(args.engine, args.compute_type, args.threads)
-    options = TranscribeOptions()
     started = time.perf_counter()
     model = engine.load(model_dir(args.model))
     load_s = time.perf_counter() - started
 
     all_clips = clips()
-    warm = decode(all_clips[0].path)
-    list(model.transcribe(warm, options)[1])  # first-call costs (allocations, caches)
-
-    results = []
-    for clip in all_clips:
-        # Wall time is what a user waits; process CPU time (all threads) is what the work costs
-        # and barely moves when other jobs share the machine.
-        t0, c0 = time.perf_counter(), time.process_time()
-        audio = decode(clip.path)
-        t1, c1 = time.perf_counter(), time.process_time()
-        _, segments = model.transcribe(audio, options)
-        text = "".join(s.text for s in segments).strip()
-        t2, c2 = time.perf_counter(), time.process_time()
-        results.append(
-            {
-                "clip": clip.name,
-                "audio_s": audio.shape[0] / SAMPLE_RATE,
-                "decode_s": t1 - t0,
-                "transcribe_s": t2 - t1,
-                "decode_cpu_s": c1 - c0,
-                "transcribe_cpu_s": c2 - c1,
-                "text": text,
-            }
-        )
+    measure(model, all_clips[0].path, "warm-up")  # first-call costs (allocations, caches)
+    if args.serve:
+        serve(model)
+        return
+    if args.out is None:
+        parser.error("--out is required without --serve")
+    results = [measure(model, clip.path, clip.name) for clip in all_clips]
     model.close()
-    peak_mb = peak_rss_mb()
     args.out.write_text(
-        json.dumps({"load_s": load_s, "peak_rss_mb": peak_mb, "clips": results}), encoding="utf-8"
+        json.dumps({"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "clips": results}),
+        encoding="utf-8",
     )
 
 

@@ -43,6 +43,6 @@ lint-ansible: collections ## ansible-lint (production profile) and yamllint over
 	$(VENV)/bin/ansible-lint --offline -c tests/ansible/ansible-lint.yml --profile production
 
 .PHONY: molecule
-molecule: collections dist ## Molecule on real LXC containers: scenarios default and proxmox (root)
+molecule: collections dist ## Molecule on real LXC containers, scenarios default + proxmox side by side (root)
 	@[ "$$(id -u)" = 0 ] || { echo "molecule needs root (LXC containers, bridge, NAT)"; exit 1; }
-	$(VENV)/bin/molecule test --all
+	bash molecule/run.sh

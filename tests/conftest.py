@@ -46,7 +46,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_settings(data_dir: Path, **overrides: object) -> Settings:
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
     base: dict[str, object] = {
         "data_dir": data_dir,
         "https_enabled": False,
@@ -59,7 +59,7 @@ def test_settings(data_dir: Path, **overrides: object) -> Settings:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return test_settings(tmp_path / "data")
+    return make_settings(tmp_path / "data")
 
 
 @pytest.fixture

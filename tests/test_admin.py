@@ -22,7 +22,7 @@ from werkzeug.datastructures import FileStorage
 from appliance.app import create_app
 from appliance.config import Settings
 from appliance.models import CATALOGUE
-from tests.conftest import test_settings as make_settings
+from tests.conftest import make_settings as make_settings
 from tests.test_auth import admin_password, login
 
 if TYPE_CHECKING:

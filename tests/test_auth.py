@@ -15,7 +15,7 @@ from quart import Quart
 from appliance import auth as auth_mod
 from appliance.config import Settings
 from appliance.ratelimit import Rate
-from tests.conftest import test_settings as make_settings
+from tests.conftest import make_settings as make_settings
 
 if TYPE_CHECKING:
     from quart.typing import TestClientProtocol

@@ -88,6 +88,7 @@ def test_create_engine_builds_it() -> None:
     assert engine.name == "openai-whisper"
 
 
+@pytest.mark.slow
 def test_same_transcript_as_faster_whisper_on_jfk(
     openai_model: LoadedModel, faster_model: LoadedModel, jfk: np.ndarray
 ) -> None:
@@ -104,6 +105,7 @@ def test_same_transcript_as_faster_whisper_on_jfk(
     assert all(s.tokens and s.avg_logprob < 0 for s in openai_segments)
 
 
+@pytest.mark.slow
 def test_word_timestamps_agree_with_faster_whisper(
     openai_model: LoadedModel, faster_model: LoadedModel, jfk: np.ndarray
 ) -> None:
@@ -118,6 +120,7 @@ def test_word_timestamps_agree_with_faster_whisper(
     assert all(a.start <= a.end for a in ours)
 
 
+@pytest.mark.slow
 def test_vad_filter_keeps_original_timestamps(openai_model: LoadedModel, jfk: np.ndarray) -> None:
     pad = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
     padded = np.concatenate([pad, jfk, pad])

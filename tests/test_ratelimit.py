@@ -9,7 +9,7 @@ import pytest
 from appliance.app import create_app
 from appliance.config import ConfigError, Settings
 from appliance.ratelimit import Rate, RateLimiter, parse_rate
-from tests.conftest import test_settings as make_settings
+from tests.conftest import make_settings as make_settings
 from tests.test_auth import admin_password, login
 
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance import tls
 from tests.conftest import Server, free_port, start_server, stop_server
-from tests.conftest import test_settings as make_settings
+from tests.conftest import make_settings as make_settings
 
 
 def os_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

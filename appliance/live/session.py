@@ -1,21 +1,25 @@
 """Live transcription without a socket: VAD segmentation, re-decoding, agreement, back-pressure.
 
-`LiveTranscriber` is the synchronous core. Audio goes in with `feed` (16 kHz float32, with the
-wall time it arrived); Silero VAD opens an utterance at speech and closes it after
-`silence_seconds` of silence or at `max_utterance_seconds`. While an utterance grows it is
-re-decoded (greedy, no word timings) into `partial` messages; a closed one is decoded with beam
-search and word timings into a `final`. `step` runs at most one decode, choosing in order:
+`LiveTranscriber` is the core. Audio goes in with `feed` (16 kHz float32, with the wall time
+it arrived); Silero VAD opens an utterance at speech and closes it after `silence_seconds` of
+silence or at `max_utterance_seconds`. While an utterance grows it is re-decoded (greedy, no
+word timings) into `partial` messages; a closed one is decoded with beam search and word
+timings into a `final`. Work is planned per slot (`plan`), decoded outside the lock (`decode`,
+blocking) and applied (`complete`):
 
-1. the oldest closed utterance (finals never wait behind partials);
-2. a *speculative final* once the speaker has paused `speculate_after_seconds`: if the pause
-   then lasts until the utterance closes, that decode is the final, so the final arrives about
-   when the silence is confirmed instead of one decode later;
-3. a partial, when enough new audio came in — skipped while the caller reports a backlog
-   (audio is never dropped: partials are what gives way when the engine falls behind).
+- slot `main`: the oldest closed utterance (finals never wait behind partials), else a
+  *speculative final* once the speaker has paused `speculate_after_seconds`: if the pause
+  lasts until the utterance closes, that decode is the final, so the final arrives about when
+  the silence is confirmed instead of one decode later;
+- slot `partial`: a partial when enough new audio came in — skipped while finals are behind
+  (`lag_seconds`) or audio waits: audio is never dropped, partials are what gives way.
 
-`LiveSession` drives a transcriber from asyncio: `feed` is called by whoever receives audio,
-`run` does the work in a worker thread and hands messages to `emit`. Tests and the bench can
-drive it directly; the `/ws/live` route is a thin wrapper around it.
+`step` runs one planned decode synchronously (tests). `LiveSession` drives a transcriber from
+asyncio: `feed` is called by whoever receives audio; `run` feeds the VAD and decodes in worker
+threads (so speech ends are seen while a decode runs) and hands messages to `emit`. By default
+one decode runs at a time: measured on a busy 2-core machine, a partial decoding beside the
+speculative final slowed the final more than starting it at once gained (`parallel=True`
+allows it). Tests and the bench drive it directly; `/ws/live` is a thin wrapper around it.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class Closed:
     audio: Samples
     partials: int
     speculation: Hypothesis | None = None
+    arrived: float | None = None  # wall time the audio up to speech_end had arrived
 
 
 @dataclass
@@ -135,6 +140,7 @@ class DecodeJob:
     closed: Closed | None = None
     end: int = 0
     speech_end: int = 0
+    arrived: float | None = None  # wall time the audio up to `end` had arrived
 
 
 @dataclass
@@ -246,7 +252,17 @@ class LiveTranscriber:
         if utt.speculation is not None and utt.speculation[0] == speech_end:
             speculation = utt.speculation[1]
         self.closed.append(
-            Closed(utt.index, utt.start, end, speech_end, reason, audio, utt.partials, speculation)
+            Closed(
+                utt.index,
+                utt.start,
+                end,
+                speech_end,
+                reason,
+                audio,
+                utt.partials,
+                speculation,
+                self.arrival(speech_end),  # now: older arrival times are trimmed away
+            )
         )
 
     def close(self) -> None:
@@ -348,13 +364,20 @@ class LiveTranscriber:
                         utterance=utt,
                         end=end,
                         speech_end=utt.last_speech_end,
+                        arrived=self.arrival(end),
                     )
                 return None
             if utt is not None and self._partial_due():
                 end = self.position
                 utt.last_partial_end = end
                 utt.partial_running = True
-                return DecodeJob("partial", self._slice(utt.start, end), utterance=utt, end=end)
+                return DecodeJob(
+                    "partial",
+                    self._slice(utt.start, end),
+                    utterance=utt,
+                    end=end,
+                    arrived=self.arrival(end),
+                )
             return None
 
     def decode(self, job: DecodeJob) -> Hypothesis:
@@ -389,19 +412,20 @@ class LiveTranscriber:
                 utt.speculation = (job.speech_end, hyp)
             if utt is not self.utterance:
                 return []  # the utterance ended meanwhile: its final replaces this partial
-            return self._partial(utt, hyp, job.end)
+            return self._partial(utt, hyp, job.end, job.arrived)
 
     def step(self, skip_partials: bool = False) -> list[Message]:
         """Run at most one decode (blocking) and return the messages it produced."""
         job = self.plan("main") or (None if skip_partials else self.plan("partial"))
         return [] if job is None else self.complete(job, self.decode(job))
 
-    def _partial(self, utt: Utterance, hyp: Hypothesis, end: int) -> list[Message]:
+    def _partial(
+        self, utt: Utterance, hyp: Hypothesis, end: int, arrived: float | None
+    ) -> list[Message]:
         if not hyp.text:
             return []
         utt.partials += 1
         stable, unstable = self.agreement.update(hyp.text)
-        arrived = self.arrival(end)
         return [
             {
                 "type": "partial",
@@ -425,8 +449,7 @@ class LiveTranscriber:
             Word(round(w.start + offset, 2), round(w.end + offset, 2), w.word, w.probability)
             for w in hyp.words
         ]
-        arrived = self.arrival(closed.speech_end)
-        latency = _ms(arrived)
+        latency = _ms(closed.arrived)
         if hyp.text:
             self.finals.append(
                 Final(
@@ -516,7 +539,7 @@ class LiveSession:
         *,
         max_lag_seconds: float = 1.0,
         max_backlog_seconds: float = 60.0,
-        parallel: bool = True,
+        parallel: bool = False,
     ) -> None:
         self.core = transcriber
         self.emit = emit

@@ -57,8 +57,9 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_instance() -> Iterator[Any]:
+    """Per test module, so that no Playwright loop outlives the browser tests."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

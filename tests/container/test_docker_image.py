@@ -82,16 +82,16 @@ def container(image: str) -> Iterator[tuple[str, str]]:
     name = f"wa-test-{uuid.uuid4().hex[:8]}"
     volume = f"{name}-data"
     port = free_port()
-    podman(
-        "run", "--runtime", RUNTIME, "-d", "--name", name,
-        "-p", f"127.0.0.1:{port}:5001", "-v", f"{volume}:/data",
-        "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges", "-e", "HTTPS_ENABLED=false",
-        *HOST_QUIRKS,
-        image,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
+        podman(
+            "run", "--runtime", RUNTIME, "-d", "--name", name,
+            "-p", f"127.0.0.1:{port}:5001", "-v", f"{volume}:/data",
+            "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "-e", "HTTPS_ENABLED=false",
+            *HOST_QUIRKS,
+            image,
+        )  # fmt: skip
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -157,12 +157,12 @@ def test_healthcheck_follows_https_by_default(image: str) -> None:
     """With the defaults (HTTPS, the appliance's own CA) the probe still gets a green /health."""
     name = f"wa-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    podman(
-        "run", "--runtime", RUNTIME, "-d", "--name", name, "-p", f"127.0.0.1:{port}:5001",
-        "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/data:uid=10001,gid=10001,mode=0750",
-        *HOST_QUIRKS, image,
-    )  # fmt: skip
     try:
+        podman(
+            "run", "--runtime", RUNTIME, "-d", "--name", name, "-p", f"127.0.0.1:{port}:5001",
+            "--read-only", "--tmpfs", "/tmp", "-v", f"{name}-data:/data",
+            *HOST_QUIRKS, image,
+        )  # fmt: skip
         deadline = time.monotonic() + 300
         while podman("healthcheck", "run", name, check=False).returncode != 0:
             state = podman("inspect", "-f", "{{.State.Status}}", name).stdout.strip()
@@ -174,3 +174,4 @@ def test_healthcheck_follows_https_by_default(image: str) -> None:
         assert r.status_code == 200
     finally:
         podman("rm", "-f", "-t", "5", name, check=False)
+        podman("volume", "rm", "-f", f"{name}-data", check=False)
