@@ -152,7 +152,7 @@ class Settings:
         "CPU_THREADS", _int_range(1, 256), 1, "CPU threads per inference worker"
     )
     worker_processes: int = _env(
-        "WORKER_PROCESSES", _int_range(1, 64), 0, "Parallel inference workers (0 = one per core)"
+        "WORKER_PROCESSES", _int_range(0, 64), 0, "Parallel inference workers (0 = one per core)"
     )
     model_cache_size: int = _env(
         "MODEL_CACHE_SIZE",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from appliance.engines.base import (
     Audio,
@@ -27,6 +28,12 @@ class FasterWhisperModel:
             num_workers=workers,
             local_files_only=True,
         )
+
+    @property
+    def whisper(self) -> Any:
+        """The faster-whisper `WhisperModel`, for callers that drive its lower-level API
+        (live speech encodes short windows and decodes them itself)."""
+        return self._model
 
     @property
     def is_multilingual(self) -> bool:

@@ -203,5 +203,5 @@ def _faster_whisper_model(model: LoadedModel) -> Any:
         from faster_whisper import WhisperModel
     except ImportError:  # pragma: no cover - faster-whisper is a core dependency
         return None
-    inner = getattr(model, "_model", None) or getattr(model, "whisper", None)
+    inner = getattr(model, "whisper", None)
     return inner if isinstance(inner, WhisperModel) else None
