@@ -16,15 +16,21 @@ from appliance.config import Settings
 log = logging.getLogger(__name__)
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def listener_config(settings: Settings, port: int) -> Config:
+    """What every listener shares: the bind address, HTTP/1.1 only, our own logging."""
     config = Config()
     host = settings.bind_address
     host = f"[{host}]" if ":" in host else host
-    config.bind = [f"{host}:{settings.https_port}"]
+    config.bind = [f"{host}:{port}"]
     config.alpn_protocols = ["http/1.1"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 10
+    return config
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = listener_config(settings, settings.https_port)
     config.websocket_max_message_size = 1024 * 1024
     if settings.https_enabled:
         configure_tls(config, settings)
@@ -59,5 +65,6 @@ async def serve(settings: Settings) -> None:
         from appliance import tls
 
         # /health and /ca.crt on the HTTP port are answered by the same app (same services)
-        servers.append(tls.serve_redirect(settings, stop, app))  # type: ignore[arg-type]
+        redirect_config = listener_config(settings, settings.http_port)
+        servers.append(tls.serve_redirect(settings, stop, app, redirect_config))  # type: ignore[arg-type]
     await asyncio.gather(*servers)

@@ -498,19 +498,11 @@ async def _plain(
 
 
 async def serve_redirect(
-    settings: Settings, stop: asyncio.Event, app: ASGIApp | None = None
+    settings: Settings, stop: asyncio.Event, app: ASGIApp | None, config: Config
 ) -> None:
-    """Listen on HTTP_PORT and redirect everything but /health and /ca.crt to HTTPS."""
+    """Listen on HTTP_PORT (`config`) and redirect all but /health and /ca.crt to HTTPS."""
     from hypercorn.asyncio import serve as hypercorn_serve
 
-    config = Config()
-    host = settings.bind_address
-    host = f"[{host}]" if ":" in host else host
-    config.bind = [f"{host}:{settings.http_port}"]
-    config.alpn_protocols = ["http/1.1"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 5
     log.info("redirecting http://%s:%d to HTTPS", settings.bind_address, settings.http_port)
     await hypercorn_serve(redirect_app(settings, app), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 

@@ -5,7 +5,7 @@
 - `session` — the socket-free core (`LiveTranscriber`) and its asyncio driver (`LiveSession`);
 - `routes` — the WebSocket route: origin check, limits, protocol, history.
 
-The protocol is documented in docs/ui.md.
+The protocol is documented in README.md ("Live protocol").
 """
 
 from __future__ import annotations

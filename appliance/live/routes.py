@@ -138,7 +138,7 @@ async def live_status() -> Response:
 
 @blueprint.websocket("/ws/live")
 async def live_socket() -> None:
-    """Live transcription; the protocol is in docs/ui.md."""
+    """Live transcription; the protocol is in README.md."""
     await LiveConnection(services(), registry()).serve()
 
 

@@ -127,11 +127,11 @@ def test_defaults_match_argument_spec(role: str) -> None:
 
 
 def test_docs_list_every_variable() -> None:
-    docs = (ROOT / "docs" / "ansible.md").read_text()
+    docs = (ROOT / "README.md").read_text()
     for role in ROLES:
         readme = (ROOT / "roles" / role / "README.md").read_text()
         for name in _options(role):
-            assert f"`{name}`" in docs, f"{name} missing from docs/ansible.md"
+            assert f"`{name}`" in docs, f"{name} missing from README.md"
             assert f"`{name}`" in readme, f"{name} missing from roles/{role}/README.md"
 
 
