@@ -8,10 +8,7 @@ import io
 import json
 import re
 import tarfile
-import threading
 from collections.abc import AsyncIterator, Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +20,7 @@ from appliance.app import create_app
 from appliance.config import Settings
 from appliance.models import CATALOGUE
 from tests.conftest import make_settings as make_settings
+from tests.conftest import serve_directory
 from tests.test_auth import admin_password, login
 
 if TYPE_CHECKING:
@@ -140,14 +138,8 @@ def stand_in_hub(tmp_path: Path) -> Iterator[str]:
     repo.mkdir(parents=True)
     for name, data in fake_model_files().items():
         (repo / name).write_bytes(data)
-    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_directory(root) as url:
+        yield url
 
 
 @pytest.fixture
@@ -284,17 +276,8 @@ async def test_check_updates_from_an_http_source(tmp_path: Path) -> None:
     root = tmp_path / "site"
     root.mkdir()
     (root / "latest.json").write_text(json.dumps({"version": "99.1.0", "notes": "n"}))
-    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serve_directory(root) as url:
         result = await updates.check(f"{url}/latest.json", "0.1.0")
         assert result["update_available"] is True and result["latest_version"] == "99.1.0"
         missing = await updates.check(f"{url}/nope.json", "0.1.0")
         assert "HTTP 404" in missing["error"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()

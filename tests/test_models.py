@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from appliance.audio import decode
 from appliance.engines.base import TranscribeOptions
 from appliance.engines.faster_whisper_engine import FasterWhisperEngine
 from appliance.models import CATALOGUE, ModelError, ModelManager
+from tests.conftest import serve_directory
 from tests.wer import normalise
 
 
@@ -172,14 +170,8 @@ def stand_in_hub(tmp_path: Path, manager: ModelManager) -> Iterator[str]:
     assert source is not None
     for f in source.iterdir():
         (repo_dir / f.name).symlink_to(f)
-    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_directory(root) as url:
+        yield url
 
 
 async def test_download_from_hub_with_progress(tmp_path: Path, stand_in_hub: str) -> None:
