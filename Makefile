@@ -12,7 +12,7 @@ help: ## List every target with a one-line description
 
 .PHONY: setup
 setup: ## Install what is missing: system packages, venv from the lock file, models, speech clips
-	WITH_LXC=$(WITH_LXC) bash scripts/bootstrap.sh
+	WITH_LXC=$(WITH_LXC) WITH_CONTAINER=$(WITH_CONTAINER) bash scripts/bootstrap.sh
 
 .PHONY: run
 run: setup ## Install what is missing, then serve on https://0.0.0.0:5001 (HTTPS_ENABLED=false for plain HTTP)
@@ -31,7 +31,7 @@ pytest: setup ## Run the pytest suite only (real engine, real server, real brows
 
 .PHONY: test
 test: ## Install what is missing, then lint + every test suite
-	$(MAKE) --no-print-directory setup WITH_LXC=$(TEST_WITH_LXC)
+	$(MAKE) --no-print-directory setup WITH_LXC=$(TEST_WITH_LXC) WITH_CONTAINER=$(TEST_WITH_CONTAINER)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory pytest
 	$(MAKE) --no-print-directory test-extra
@@ -54,6 +54,8 @@ LINT_EXTRA :=
 TEST_EXTRA :=
 TEST_WITH_LXC ?= 0
 WITH_LXC ?= 0
+TEST_WITH_CONTAINER ?= 0
+WITH_CONTAINER ?= 0
 -include mk/*.mk
 
 .PHONY: lint-extra test-extra

@@ -2,6 +2,10 @@
 # Docker Hub may be unreachable: CONTAINER_BASE=local builds the base from Debian's archive
 # (mmdebstrap rootfs with python3, python3-venv, ffmpeg -> `podman import`), cached in .cache/.
 
+# make test builds and runs the image too (podman, runc, mmdebstrap from Debian's archive).
+TEST_WITH_CONTAINER := 1
+TEST_EXTRA += test-container
+
 PODMAN ?= podman
 # crun refuses this host's hybrid cgroups; runc works with both layouts.
 PODMAN_RUNTIME ?= runc
