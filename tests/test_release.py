@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import io
 import json
 import stat
 import sys
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +28,7 @@ from appliance.release import (
     load_trusted_keys,
     unpack_wheelhouse,
 )
+from tests.conftest import serve_directory
 
 # --- helpers shared with test_updater.py ----------------------------------------------------
 STANDIN = '''\
@@ -296,17 +294,8 @@ def test_manifest_validation_rejects_unsafe_values() -> None:
 def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "www"
     root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
+    with serve_directory(root) as url:
+        yield url, root
 
 
 def test_verify_from_a_url(
