@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -126,7 +127,9 @@ class ModelError(Exception):
         self.status = status
 
 
+@functools.cache
 def _package_dir(package: str) -> Path | None:
+    """Where an installed model package lives (looked up once: every request locates its model)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
