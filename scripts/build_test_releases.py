@@ -68,6 +68,7 @@ def bumped(base: str, n: int) -> str:
 
 def build_wheel(version_text: str, dest: Path, work: Path, *, broken: bool = False) -> Path:
     """The appliance wheel of a copy of the source with `version_text` (and a broken /health)."""
+    dest, work = dest.resolve(), work.resolve()
     src = work / f"src-{version_text}"
     for path in source_files():
         target = src / path.relative_to(ROOT)
