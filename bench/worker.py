@@ -64,6 +64,37 @@ def measure(model: LoadedModel, path: Path, name: str) -> dict[str, Any]:
     }
 
 
+def encoder_cpu_s(model: LoadedModel, repeats: int = 3) -> float:
+    """CPU seconds of one encoder pass over a 30 s window, the least work any clip costs: both
+    engines pad every clip to 30 s, and auto-detecting the language encodes it once more."""
+    import numpy as np
+
+    silence = np.zeros(30 * SAMPLE_RATE, dtype=np.float32)
+    whisper = getattr(model, "whisper", None)
+    if whisper is not None:  # faster-whisper: CTranslate2
+        features = whisper.feature_extractor(silence)[:, :3000]
+
+        def encode() -> None:
+            whisper.encode(features)
+    else:  # openai-whisper: torch
+        import torch
+        import whisper as openai_whisper
+
+        torch_model = model._model  # type: ignore[attr-defined]
+        mel = openai_whisper.log_mel_spectrogram(silence, torch_model.dims.n_mels)[None]
+
+        def encode() -> None:
+            with torch.no_grad():
+                torch_model.encoder(mel)
+
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.process_time()
+        encode()
+        best = min(best, time.process_time() - c0)
+    return best
+
+
 def serve(model: LoadedModel) -> None:
     """--serve: one clip path per stdin line, one JSON result per stdout line (paired runs)."""
     out = os.fdopen(os.dup(1), "w")
@@ -98,9 +129,19 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required without --serve")
     results = [measure(model, clip.path, clip.name) for clip in all_clips]
+    encoder_s = encoder_cpu_s(model)
+    passes = 2 if model.is_multilingual else 1  # + a language detection pass
     model.close()
     args.out.write_text(
-        json.dumps({"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "clips": results}),
+        json.dumps(
+            {
+                "load_s": load_s,
+                "peak_rss_mb": peak_rss_mb(),
+                "clips": results,
+                "encoder_cpu_s": encoder_s,
+                "encoder_passes": passes,
+            }
+        ),
         encoding="utf-8",
     )
 
