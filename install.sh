@@ -47,7 +47,11 @@ fail() { msg_error "$*"; exit 1; }
 usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # --- settings ----------------------------------------------------------------------------------
-UNATTENDED=${var_unattended:-0}
+case ${var_unattended:-0} in
+  1|yes|true) UNATTENDED=1 ;;
+  0|no|false) UNATTENDED=0 ;;
+  *) refuse "var_unattended must be 0 or 1, got '$var_unattended'" ;;
+esac
 for arg in "$@"; do
   case $arg in
     --unattended) UNATTENDED=1 ;;
@@ -55,8 +59,6 @@ for arg in "$@"; do
     *) refuse "unknown argument '$arg' (try --help)" ;;
   esac
 done
-case $UNATTENDED in 1|yes|true) UNATTENDED=1 ;; 0|no|false|"") UNATTENDED=0 ;;
-  *) refuse "var_unattended must be 0 or 1, got '$UNATTENDED'" ;; esac
 [ -t 0 ] || UNATTENDED=1   # piped, cron, CI: nobody to ask
 
 CTID=${var_ctid:-}
