@@ -16,12 +16,14 @@ lint-shell: setup ## shellcheck over install.sh, scripts/**/*.sh and the pct sta
 
 .PHONY: installer
 installer: image ## dist/install.sh: install.sh pinned to this version and the CT template's SHA-256
+	@$(MAKE) --no-print-directory dist/install.sh
+
+dist/install.sh: install.sh $(INSTALL_IMAGE).sha256
 	@sha=$$(cut -d' ' -f1 $(INSTALL_IMAGE).sha256); [[ $$sha =~ ^[0-9a-f]{64}$$ ]] || \
 	  { echo "no checksum in $(INSTALL_IMAGE).sha256"; exit 1; }; \
 	sed -e 's/^RELEASE_VERSION=.*/RELEASE_VERSION="$(INSTALL_VERSION)"/' \
-	  -e "s/^RELEASE_SHA256=.*/RELEASE_SHA256=\"$$sha\"/" install.sh >dist/install.sh.tmp && \
-	chmod 0755 dist/install.sh.tmp && mv dist/install.sh.tmp dist/install.sh && \
-	echo "dist/install.sh: $(INSTALL_VERSION), sha256 $$sha"
+	  -e "s/^RELEASE_SHA256=.*/RELEASE_SHA256=\"$$sha\"/" install.sh >$@.tmp && \
+	chmod 0755 $@.tmp && mv $@.tmp $@ && echo "$@: $(INSTALL_VERSION), sha256 $$sha"
 
 .PHONY: test-install
 test-install: installer ## install.sh end to end against the pct stand-in, unattended (root, LXC)
