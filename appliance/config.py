@@ -6,6 +6,7 @@ names the variable, the value and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -91,6 +92,22 @@ def _optional_path(text: str) -> Path | None:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    networks = []
+    for item in _csv(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"expected IP addresses or networks such as 10.0.0.2 or 192.168.1.0/24, "
+                f"got {item!r}"
+            ) from None
+    return tuple(networks)
 
 
 def _model_name(text: str) -> str:
@@ -193,6 +210,13 @@ class Settings:
         _csv,
         (),
         "Extra browser origins allowed for CORS and /ws/live (comma list)",
+    )
+    trusted_proxies: tuple[Network, ...] = _env(
+        "TRUSTED_PROXIES",
+        _networks,
+        (),
+        "Reverse proxies whose X-Forwarded-For names the client, for rate limits and logs "
+        "(comma list of IPs/networks)",
     )
     # --- security (issue 6): defaults of the runtime settings the admin panel can change ---
     require_api_key: bool = _env(

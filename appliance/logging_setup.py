@@ -25,6 +25,7 @@ from typing import Any
 from quart import Quart, Response, g, request, websocket
 
 from appliance.config import Settings
+from appliance.security import client_ip
 
 LOG_FILE = "appliance.log"
 MAX_BYTES = 5 * 1024 * 1024
@@ -233,7 +234,7 @@ def init_app(app: Quart) -> None:
     @app.before_websocket
     async def _before_websocket() -> None:
         _start(websocket.headers.get("X-Request-ID"))
-        access.info("websocket %s from %s", websocket.path, websocket.remote_addr)
+        access.info("websocket %s from %s", websocket.path, client_ip(websocket))
 
     @app.after_request
     async def _after_request(response: Response) -> Response:
@@ -255,6 +256,6 @@ def init_app(app: Quart) -> None:
             request.path,
             response.status_code,
             ms,
-            request.remote_addr,
+            client_ip(request),
         )
         return response

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +24,7 @@ from quart.wrappers import Websocket
 
 from appliance import auth as auth_mod
 from appliance.auth import Auth, Session
+from appliance.config import Network
 from appliance.errors import error_response
 from appliance.ratelimit import RateLimiter
 from appliance.services import services
@@ -67,7 +70,40 @@ def get_auth() -> Auth:
 
 
 def client_ip(req: _Request | Websocket | None = None) -> str:
-    return (req or request).remote_addr or "unknown"
+    """The client's address: the peer, or behind a TRUSTED_PROXIES proxy the address it saw."""
+    req = req or request
+    peer = req.remote_addr or "unknown"
+    proxies = services().settings.trusted_proxies
+    if not proxies:
+        return peer
+    return forwarded_client(peer, req.headers.getlist("X-Forwarded-For"), proxies)
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], proxies: Iterable[Network]) -> str:
+    """Walk X-Forwarded-For from the right (the hops our proxies appended) to the first address
+    that is not one of our proxies. Only a trusted peer's header counts, and an unparsable hop
+    ends the walk: anything left of it was written by the client and can be forged."""
+    proxies = tuple(proxies)
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in proxies)
+
+    if not trusted(peer):
+        return peer
+    client = peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    for hop in reversed(hops):
+        try:
+            client = str(ipaddress.ip_address(hop))
+        except ValueError:
+            break
+        if not trusted(client):
+            break
+    return client
 
 
 def _is_protected(path: str) -> bool:

@@ -9,6 +9,7 @@ import pytest
 from appliance.app import create_app
 from appliance.config import ConfigError, Settings
 from appliance.ratelimit import Rate, RateLimiter, parse_rate
+from appliance.security import forwarded_client
 from tests.conftest import make_settings as make_settings
 from tests.test_auth import admin_password, login
 
@@ -67,3 +68,51 @@ async def test_transcription_requests_get_429_with_retry_after(tmp_path: Path) -
         keyed = app.test_client()
         response = await keyed.post("/transcribe", headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 415
+
+
+@pytest.mark.parametrize(
+    ("peer", "header", "expected"),
+    [
+        ("10.0.0.2", ["203.0.113.7"], "203.0.113.7"),  # one trusted proxy
+        ("10.0.0.2", ["198.51.100.1, 203.0.113.7, 10.0.0.3"], "203.0.113.7"),  # two proxies
+        ("10.0.0.2", ["forged-by-client, 203.0.113.7"], "203.0.113.7"),  # left of it: ignored
+        ("10.0.0.2", ["not-an-ip"], "10.0.0.2"),  # garbage: the proxy itself
+        ("10.0.0.2", [], "10.0.0.2"),  # no header
+        ("10.0.0.2", ["10.0.0.3"], "10.0.0.3"),  # only proxies: the leftmost one
+        ("192.0.2.9", ["203.0.113.7"], "192.0.2.9"),  # an untrusted peer's header is ignored
+        ("10.0.0.2", ["2001:db8::1"], "2001:db8::1"),
+    ],
+)
+def test_forwarded_client(peer: str, header: list[str], expected: str) -> None:
+    proxies = Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/24"}).trusted_proxies
+    assert forwarded_client(peer, header, proxies) == expected
+
+
+@pytest.mark.parametrize("value", ["10.0.0.300", "proxy.example", "10.0.0.0/33", "; rm -rf /"])
+def test_trusted_proxies_rejects_bad_values(value: str) -> None:
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+        Settings.from_env({"TRUSTED_PROXIES": value})
+
+
+async def test_buckets_per_forwarded_client_only_behind_a_trusted_proxy(tmp_path: Path) -> None:
+    """Behind a reverse proxy every request comes from the proxy: with TRUSTED_PROXIES each
+    client gets its own bucket; without it X-Forwarded-For is ignored (it could be forged)."""
+    for trusted, second_client_code in (("127.0.0.1", 415), ("", 429)):
+        settings = make_settings(
+            tmp_path / f"data{bool(trusted)}",
+            api_rate_limit=Rate(1, 60.0),
+            trusted_proxies=Settings.from_env({"TRUSTED_PROXIES": trusted}).trusted_proxies,
+        )
+        app = create_app(settings)
+        async with app.test_app():
+            client = app.test_client()
+            codes = []
+            for forwarded in ("203.0.113.7", "203.0.113.7", "203.0.113.8"):
+                response = await client.post(
+                    "/transcribe",
+                    headers={"X-Forwarded-For": forwarded},
+                    # the proxy's address (the test client has none of its own)
+                    scope_base={"client": ("127.0.0.1", 50000)},
+                )
+                codes.append(response.status_code)
+            assert codes == [415, 429, second_client_code]
