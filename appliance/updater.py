@@ -38,7 +38,7 @@ import sys
 import time
 import wave
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from appliance import update_spool
 from appliance.db import Database
 from appliance.release import (
     BUNDLE_SUFFIX,
@@ -78,6 +79,8 @@ MIGRATIONS = [
     );
     CREATE INDEX update_history_started ON update_history(started)
     """,
+    # the admin panel's request (appliance.update_spool) that started the attempt
+    "ALTER TABLE update_history ADD COLUMN request_id TEXT",
 ]
 HISTORY_COLUMNS = (
     "id",
@@ -90,6 +93,7 @@ HISTORY_COLUMNS = (
     "status",
     "message",
     "db_backup",
+    "request_id",
 )
 DB_NAME = "appliance.db"
 EXIT_OK, EXIT_FAILED, EXIT_ROLLBACK_FAILED = 0, 1, 3
@@ -126,12 +130,24 @@ class Config:
     clip: Path | None = None
     expect: str | None = None
     api_key: str | None = None
+    # False when the URL was derived from the service's own listener settings
+    verify_tls: bool = True
+    spool: Path | None = None  # default: DATA_DIR/update-requests
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool or update_spool.spool_dir(self.data_dir)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
         cfg = cls()
-        paths = {"UPDATER_ROOT": "root", "UPDATER_KEY_DIR": "key_dir", "UPDATER_CLIP": "clip"}
+        paths = {
+            "UPDATER_ROOT": "root",
+            "UPDATER_KEY_DIR": "key_dir",
+            "UPDATER_CLIP": "clip",
+            "UPDATER_SPOOL": "spool",
+        }
         for var, attr in paths.items():
             if env.get(var):
                 setattr(cfg, attr, Path(env[var]))
@@ -147,6 +163,9 @@ class Config:
         ):
             if var in env:
                 setattr(cfg, attr, env[var])
+        if "UPDATER_URL" not in env and (env.get("HTTPS_PORT") or env.get("HTTPS_ENABLED")):
+            # the unit reads the service's env file: talk to the service where it listens
+            cfg.url, cfg.verify_tls = service_url(env), False
         if env.get("UPDATER_KEEP"):
             cfg.keep = int(env["UPDATER_KEEP"])
         if env.get("UPDATER_HEALTH_TIMEOUT"):
@@ -154,6 +173,17 @@ class Config:
         if env.get("UPDATER_API_KEY_FILE"):
             cfg.api_key = Path(env["UPDATER_API_KEY_FILE"]).read_text().strip()
         return cfg
+
+
+def service_url(env: Mapping[str, str]) -> str:
+    """The service's own base URL from its listener settings (HTTPS_*, BIND_ADDRESS)."""
+    https = env.get("HTTPS_ENABLED", "true").strip().lower() not in ("false", "0", "no", "off")
+    port = env.get("HTTPS_PORT", "").strip() or "5001"
+    bind = env.get("BIND_ADDRESS", "").strip()
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if https else 'http'}://{host}:{port}"
 
 
 @dataclass
@@ -291,6 +321,44 @@ class Updater:
             print(f"updater: cannot write the update history: {exc}", file=sys.stderr)
             return row_id
 
+    def record_refused(
+        self,
+        action: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        source: str | None = None,
+        to_version: str | None = None,
+    ) -> None:
+        """A history row for a request refused before an apply or rollback got to write one."""
+        now = time.time()
+        self._record(
+            None,
+            started=now,
+            finished=now,
+            action=action,
+            from_version=self.current_version(),
+            to_version=to_version,
+            source=source,
+            status="refused",
+            message=message,
+            request_id=request_id,
+        )
+
+    def close_interrupted(self) -> int:
+        """Mark attempts left `running` by a crash or a reboot as failed (under the lock)."""
+        try:
+            with self._locked(), self._db() as conn:
+                cur = conn.execute(
+                    "UPDATE update_history SET status = 'failed', finished = ?,"
+                    " message = 'interrupted: the updater stopped before it finished'"
+                    " WHERE status = 'running'",
+                    (time.time(),),
+                )
+                return cur.rowcount
+        except (UpdateRefused, sqlite3.Error, OSError, RuntimeError):
+            return 0  # a running update holds the lock: its row is not a leftover
+
     def history(self, limit: int = 100) -> list[dict[str, Any]]:
         if not self.db_path.exists():
             return []
@@ -368,7 +436,7 @@ class Updater:
         except ValueError:
             loopback = False
         # our own service on loopback, with the certificate of its own CA: no MITM to fear
-        return httpx.Client(verify=not loopback, timeout=10)
+        return httpx.Client(verify=self.cfg.verify_tls and not loopback, timeout=10)
 
     def check_service(self, version: str) -> str:
         """Wait for /health to be green on `version`, then transcribe the test clip."""
@@ -559,23 +627,37 @@ class Updater:
 
     # --- apply ------------------------------------------------------------------------------
     def apply(
-        self, source: str, *, allow_downgrade: bool = False, consume: bool = False
+        self,
+        source: str,
+        *,
+        allow_downgrade: bool = False,
+        consume: bool = False,
+        request_id: str | None = None,
+        label: str | None = None,
     ) -> Outcome:
+        """`label` names the source in the history when `source` is not meant for people."""
         try:
             with self._locked():
                 try:
-                    return self._apply(source, allow_downgrade)
+                    return self._apply(source, allow_downgrade, request_id, label)
                 finally:
                     if consume:  # processed (whatever the outcome): never picked up twice
                         _consume(Path(source))
         except UpdateRefused as exc:  # the lock is taken: leave the upload for its turn
             return Outcome("refused", self.current_version(), None, str(exc), EXIT_FAILED)
 
-    def _apply(self, source: str, allow_downgrade: bool) -> Outcome:
+    def _apply(
+        self, source: str, allow_downgrade: bool, request_id: str | None, label: str | None
+    ) -> Outcome:
         previous = self.current_release()
         from_version = previous.name if previous else None
         row = self._record(
-            None, action="apply", from_version=from_version, source=source, status="running"
+            None,
+            action="apply",
+            from_version=from_version,
+            source=label or source,
+            status="running",
+            request_id=request_id,
         )
 
         def refuse(message: str) -> Outcome:
@@ -661,14 +743,20 @@ class Updater:
         return Outcome("rolled_back", from_version, to_version, msg, EXIT_FAILED)
 
     # --- manual rollback --------------------------------------------------------------------
-    def rollback(self, to_version: str | None = None, *, keep_db: bool = False) -> Outcome:
+    def rollback(
+        self,
+        to_version: str | None = None,
+        *,
+        keep_db: bool = False,
+        request_id: str | None = None,
+    ) -> Outcome:
         try:
             with self._locked():
-                return self._rollback(to_version, keep_db)
+                return self._rollback(to_version, keep_db, request_id)
         except UpdateRefused as exc:
             return Outcome("refused", self.current_version(), to_version, str(exc), EXIT_FAILED)
 
-    def _rollback(self, to_version: str | None, keep_db: bool) -> Outcome:
+    def _rollback(self, to_version: str | None, keep_db: bool, request_id: str | None) -> Outcome:
         current = self.current_release()
         if current is None:
             raise UpdateRefused("no current release")
@@ -691,8 +779,9 @@ class Updater:
             action="rollback",
             from_version=current.name,
             to_version=to_version,
-            source="manual",
+            source="manual" if request_id is None else "admin panel",
             status="running",
+            request_id=request_id,
         )
         try:
             self._run(self.cfg.stop_command, "stop")
@@ -744,6 +833,161 @@ def _safe_key(name: str) -> tuple[Any, ...]:
         return (1, name)
 
 
+# --- requests from the admin panel (the spool; whisper-appliance-update.service) ---------------
+def run_request(upd: Updater) -> int:
+    """Take the admin panel's request from the spool, act on it, report in status.json.
+
+    The spool belongs to the less privileged web process: see appliance.update_spool for what
+    is checked. Whatever happens, the request is consumed, so the path unit never loops.
+    """
+    try:
+        spool = update_spool.Spool(upd.cfg.spool_dir)
+    except FileNotFoundError:
+        print(f"updater: no spool at {upd.cfg.spool_dir}: nothing to do", file=sys.stderr)
+        return EXIT_OK
+    except OSError as exc:  # a symlink, or not a directory
+        print(f"updater: refusing the spool {upd.cfg.spool_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        for leftover in spool.processing_leftovers():
+            _report_interrupted(upd, spool, leftover)
+        name = spool.take()
+        if name is None:
+            return EXIT_OK
+        try:
+            return _handle_request(upd, spool, name)
+        finally:
+            spool.remove(name)
+    finally:
+        spool.close()
+
+
+def _status(req_id: str | None, state: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "state": state,
+        "message": message[: update_spool.MAX_MESSAGE],
+        "finished_at": None if state == "running" else time.time(),
+        **extra,
+    }
+
+
+def _loose_fields(raw: bytes) -> tuple[str | None, str | None]:
+    """The id and upload name of a refused request, where they look sane (to clean up)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    req_id = data.get("id") if isinstance(data.get("id"), str) else None
+    if req_id is not None and not re.fullmatch(r"[0-9a-f]{16,64}", req_id):
+        req_id = None
+    source = data.get("source")
+    upload = source if isinstance(source, str) and update_spool.is_upload(source) else None
+    return req_id, upload
+
+
+def _report_interrupted(upd: Updater, spool: update_spool.Spool, name: str) -> None:
+    raw = b""
+    with suppress(update_spool.RequestError, OSError):
+        raw = spool.read_request(name)
+    req_id, upload = _loose_fields(raw)
+    upd.close_interrupted()
+    message = (
+        "interrupted: the updater stopped before it finished (crash or reboot); "
+        f"the running release is {upd.current_version()}"
+    )
+    spool.write_status(_status(req_id, "failed", message, to_version=None))
+    if upload:
+        spool.remove(upload)
+    spool.remove(name)
+    print(f"updater: {message}", file=sys.stderr)
+
+
+def _handle_request(upd: Updater, spool: update_spool.Spool, name: str) -> int:
+    raw = b""
+    try:
+        raw = spool.read_request(name)
+        req = update_spool.parse_request(raw)
+    except update_spool.RequestError as exc:
+        req_id, upload = _loose_fields(raw)
+        message = f"refused request: {exc}"
+        upd.record_refused("request", message, request_id=req_id)
+        spool.write_status(_status(req_id, "refused", message, from_version=None, to_version=None))
+        if upload:
+            spool.remove(upload)
+        print(f"updater: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    spool.write_status(
+        _status(
+            req.id,
+            "running",
+            f"{req.action} started",
+            action=req.action,
+            from_version=upd.current_version(),
+            to_version=req.to_version,
+            started_at=time.time(),
+        )
+    )
+    try:
+        outcome = _act(upd, spool, req)
+    except Exception as exc:  # never leave the spool wedged: report whatever went wrong
+        outcome = Outcome(
+            "failed",
+            upd.current_version(),
+            req.to_version,
+            f"the updater failed: {exc.__class__.__name__}: {exc}",
+            EXIT_FAILED,
+        )
+    finally:
+        if req.upload:
+            spool.remove(req.upload)
+    if outcome.status == "refused" and not any(
+        row.get("request_id") == req.id for row in upd.history(limit=20)
+    ):
+        upd.record_refused(
+            req.action,
+            outcome.message,
+            request_id=req.id,
+            source=req.upload or req.source,
+            to_version=req.to_version,
+        )
+    spool.write_status(
+        _status(
+            req.id,
+            outcome.status,
+            outcome.message,
+            action=req.action,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+        )
+    )
+    print(json.dumps({"request": req.id, **outcome.as_dict()}))
+    return outcome.exit_code
+
+
+def _act(upd: Updater, spool: update_spool.Spool, req: update_spool.UpdateRequest) -> Outcome:
+    if req.action == "rollback":
+        return upd.rollback(req.to_version, request_id=req.id)
+    if req.upload is None:
+        assert req.source is not None
+        return upd.apply(req.source, request_id=req.id)
+    try:
+        fd = spool.open_regular(req.upload)
+    except update_spool.RequestError as exc:
+        return Outcome("refused", upd.current_version(), None, str(exc), EXIT_FAILED)
+    try:
+        # the bundle through the descriptor opened without following links: the web process
+        # cannot swap the file for a link to something else between check and use
+        fd_path = f"/proc/self/fd/{fd}"
+        outcome = upd.apply(fd_path, request_id=req.id, label=req.upload)
+    finally:
+        os.close(fd)
+    outcome.message = outcome.message.replace(fd_path, req.upload)
+    return outcome
+
+
 # --- command line -----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -770,6 +1014,10 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--keep-db", action="store_true", help="keep the current database")
     st = sub.add_parser("status", help="current release, installed ones and the history")
     st.add_argument("--limit", type=int, default=20)
+    sub.add_parser(
+        "run-request",
+        help="act on the admin panel's request in DATA_DIR/update-requests (the unit's job)",
+    )
     args = parser.parse_args(argv)
 
     cfg = Config.from_env()
@@ -791,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         print(json.dumps(updater.status(args.limit), indent=2))
         return EXIT_OK
+    if args.command == "run-request":
+        return run_request(updater)
     if args.command == "apply":
         outcome = updater.apply(
             args.source, allow_downgrade=args.allow_downgrade, consume=args.consume
@@ -801,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
     return outcome.exit_code
 
 
-__all__ = ["MIGRATIONS", "Config", "Outcome", "Updater", "main"]
+__all__ = ["MIGRATIONS", "Config", "Outcome", "Updater", "main", "run_request"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from quart import Quart
 
-from appliance.admin import api, pages
+from appliance import update_spool
+from appliance.admin import api, pages, update_api
 from appliance.admin.guard import blueprint
 
 
 def init_app(app: Quart) -> None:
     # the modules add their routes to the one guarded blueprint
-    assert api and pages
+    assert api and pages and update_api
     app.register_blueprint(blueprint)
+
+    @app.before_serving
+    async def _prepare_update_spool() -> None:
+        # the updater (root) reads requests from here; uploads a crash left behind go
+        update_spool.prepare(app.extensions["settings"].data_dir)
