@@ -44,7 +44,10 @@ msg_error() { printf ' %s✗%s %s\n' "$C_ERR" "$C_OFF" "$*" >&2; }
 refuse() { msg_error "$*"; msg_error "nothing was changed"; exit 2; }
 fail() { msg_error "$*"; exit 1; }
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() {  # the header above; run as `bash -c "$(curl ...)"` there is no file to read
+  if [ -f "$0" ]; then sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  else echo "Whisper appliance $RELEASE_VERSION installer: see README.md, \"Install on Proxmox (one line)\""; fi
+}
 
 # --- settings ----------------------------------------------------------------------------------
 case ${var_unattended:-0} in
@@ -269,9 +272,20 @@ create_ct() {
   msg_ok "CT $CTID created and started"
 }
 
+# Right after `pct start` the CT's systemd does not answer yet ("Failed to connect to bus").
+DEADLINE=0   # the end of the wait for the CT (var_health_timeout), set when it was started
+wait_systemd() {
+  local state=""
+  until [[ $state =~ ^(initializing|starting|running|degraded|maintenance)$ ]]; do
+    [ "$SECONDS" -lt "$DEADLINE" ] || fail "systemd in CT $CTID does not answer"
+    sleep 1
+    state=$(pct exec "$CTID" -- systemctl is-system-running 2>/dev/null || true)
+  done
+}
+
 set_model() {  # writes WHISPER_MODEL into the CT's env file and restarts the service on change
   [ -n "$MODEL" ] || return 0
-  pct exec "$CTID" -- timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true
+  wait_systemd
   local current
   current=$(pct exec "$CTID" -- sed -n 's/^WHISPER_MODEL=//p' "$ENV_FILE") ||
     fail "CT $CTID has no $ENV_FILE: not a Whisper appliance template?"
@@ -299,14 +313,13 @@ c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.
 u.urlopen('https://127.0.0.1:$HTTPS_PORT/health', context=c, timeout=5)"
 wait_healthy() {
   msg_info "waiting for the appliance to become healthy (up to $HEALTH_TIMEOUT s)"
-  local deadline=$((SECONDS + HEALTH_TIMEOUT))
   until [ -n "$CT_IP" ] && pct exec "$CTID" -- python3 -c "$PROBE" >/dev/null 2>&1; do
     [ -n "$CT_IP" ] || CT_IP=$(ct_ip 2>/dev/null || true)
-    [ "$SECONDS" -lt "$deadline" ] ||
+    [ "$SECONDS" -lt "$DEADLINE" ] ||
       fail "CT $CTID is not healthy after $HEALTH_TIMEOUT s (https://127.0.0.1:$HTTPS_PORT/health in the CT${CT_IP:+, address $CT_IP})"
     sleep 3
   done
-  msg_ok "healthy"
+  msg_ok "healthy ($((SECONDS - DEADLINE + HEALTH_TIMEOUT)) s after the start)"
 }
 
 summary() {
@@ -343,6 +356,7 @@ main() {
     fetch_template
     create_ct
   fi
+  DEADLINE=$((SECONDS + HEALTH_TIMEOUT))
   set_model
   wait_healthy
   summary

@@ -337,6 +337,9 @@ def check_summary(run: Run) -> None:
     health = httpx.get(summary["URL"] + "/health", verify=context, timeout=10, trust_env=False)
     assert health.status_code == 200, health.text
     assert health.json()["status"] == "ok", health.text
+    status = httpx.get(summary["URL"] + "/api/status", verify=context, timeout=10, trust_env=False)
+    assert status.json()["default_model"] == "base"  # var_model reached the service
+    assert {m["name"]: m["state"] for m in status.json()["models"]}["base"] == "loaded"
 
 
 @pytest.fixture(scope="module")
