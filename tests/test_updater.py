@@ -14,6 +14,8 @@ tests/container/ already proves the real wheelhouse installs and transcribes.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -23,14 +25,15 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from appliance import updater
+from appliance import update_spool, updater
 from appliance.release import build_release
 from appliance.updater import Config, Updater
-from tests.conftest import free_port
+from tests.conftest import Server, free_port, serve_directory, start_server, stop_server
 from tests.test_release import make_keys, make_wheelhouse
 
 pytestmark = pytest.mark.slow
@@ -331,3 +334,165 @@ def test_a_second_update_at_once_is_refused_and_its_upload_kept(appliance: Appli
     assert "another update" in outcome.message
     assert bundle.exists()
     assert appliance.updater.current_version() == "1.0.0"
+
+
+# --- the admin panel's path: request through the admin API, `run-request` as the unit runs it --
+class Panel:
+    """A real `whisper-appliance serve` over the appliance's data dir, logged in as admin."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.http = httpx.Client(base_url=server.url, timeout=30)
+        page = self.http.get("/admin/login")
+        token = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert token
+        password = (server.data_dir / "admin-password.txt").read_text().strip()
+        r = self.http.post(
+            "/admin/api/login", json={"password": password}, headers={"X-CSRF-Token": token[1]}
+        )
+        assert r.status_code == 200, r.text
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', self.http.get("/admin").text)
+        assert csrf
+        self.http.headers["X-CSRF-Token"] = csrf[1]
+
+    def request(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        r = self.http.post(f"/admin/api/updates/{path}", **kwargs)
+        assert r.status_code == 202, r.text
+        req: dict[str, Any] = r.json()["request"]
+        return req
+
+    def state(self) -> dict[str, Any]:
+        r = self.http.get("/admin/api/updates")
+        assert r.status_code == 200, r.text
+        state: dict[str, Any] = r.json()
+        return state
+
+
+def run_request(app: Appliance) -> subprocess.CompletedProcess[str]:
+    """`python -m appliance.updater run-request` configured the way the unit's env files do."""
+    cfg = app.updater.cfg
+    env = {
+        **os.environ,
+        "UPDATER_ROOT": str(cfg.root),
+        "DATA_DIR": str(cfg.data_dir),
+        "UPDATER_KEY_DIR": str(cfg.key_dir),
+        "UPDATER_RESTART_COMMAND": cfg.restart_command,
+        "UPDATER_STOP_COMMAND": cfg.stop_command,
+        "UPDATER_URL": cfg.url,
+        "UPDATER_KEEP": str(cfg.keep),
+        "UPDATER_HEALTH_TIMEOUT": str(cfg.health_timeout),
+        "UPDATER_CLIP": str(cfg.clip),
+        "UPDATER_EXPECT": cfg.expect or "",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.updater", "run-request"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture
+def panel(appliance: Appliance) -> Iterator[Panel]:
+    served = appliance.base / "www"
+    served.mkdir()
+    with serve_directory(served) as url:
+        server = start_server(
+            appliance.data,
+            env={"UPDATER_ROOT": str(appliance.root), "UPDATE_SOURCE": f"{url}/manifest.json"},
+        )
+        try:
+            panel = Panel(server)
+            try:
+                yield panel
+            finally:
+                panel.http.close()
+        finally:
+            stop_server(server)
+
+
+def _serve(app: Appliance, release: Path) -> None:
+    www = app.base / "www"
+    for old in www.iterdir():
+        old.unlink()
+    for path in release.iterdir():
+        shutil.copy(path, www / path.name)
+
+
+def test_admin_panel_upload_update_then_rollback(appliance: Appliance, panel: Panel) -> None:
+    started = time.monotonic()
+    bundle = appliance.release("1.1.0", bundle=True)
+    with bundle.open("rb") as f:
+        req = panel.request("upload", files={"file": (bundle.name, f, "application/x-tar")})
+    assert panel.state()["state"] == "pending"
+    spool = appliance.data / update_spool.SPOOL
+    assert (spool / req["source"]).read_bytes() == bundle.read_bytes()
+
+    result = run_request(appliance)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = panel.state()
+    assert state["state"] == "idle" and state["pending"] is None
+    status = state["status"]
+    assert (status["id"], status["state"]) == (req["id"], "succeeded"), status
+    assert (status["from_version"], status["to_version"]) == ("1.0.0", "1.1.0")
+    assert JFK_WORDS in status["message"]
+    assert state["releases"] == ["1.0.0", "1.1.0"]
+    row = state["history"][0]
+    assert (row["request_id"], row["status"], row["source"]) == (
+        req["id"],
+        "succeeded",
+        req["source"],
+    )
+    assert appliance.health()["version"] == "1.1.0"
+    assert sorted(p.name for p in spool.iterdir()) == ["status.json"]  # the upload is consumed
+
+    # the default source: the release UPDATE_SOURCE offers
+    _serve(appliance, appliance.release("1.2.0"))
+    req = panel.request("apply", json={})
+    assert req["source"].endswith("/manifest.json")
+    assert run_request(appliance).returncode == 0
+    assert panel.state()["status"]["state"] == "succeeded"
+    assert appliance.health()["version"] == "1.2.0"
+
+    req = panel.request("rollback", json={})
+    result = run_request(appliance)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = panel.state()
+    assert (state["status"]["id"], state["status"]["state"]) == (req["id"], "succeeded")
+    assert state["status"]["to_version"] == "1.1.0"
+    assert appliance.health()["version"] == "1.1.0"
+    assert [(h["action"], h["to_version"], h["status"]) for h in state["history"][:3]] == [
+        ("rollback", "1.1.0", "succeeded"),
+        ("apply", "1.2.0", "succeeded"),
+        ("apply", "1.1.0", "succeeded"),
+    ]
+    print(f"admin panel: upload, update, rollback in {time.monotonic() - started:.1f} s")
+
+
+def test_admin_panel_broken_release_rolls_back_and_bad_signature_is_refused(
+    appliance: Appliance, panel: Panel
+) -> None:
+    _serve(appliance, appliance.release("1.1.0", broken=True))
+    req = panel.request("apply", json={})
+    result = run_request(appliance)
+    assert result.returncode == updater.EXIT_FAILED, result.stdout + result.stderr
+    status = panel.state()["status"]
+    assert (status["id"], status["state"]) == (req["id"], "rolled_back"), status
+    assert "rolled back to 1.0.0" in status["message"]
+    assert appliance.health()["version"] == "1.0.0"
+
+    _serve(appliance, _sign_with_untrusted_key(appliance))
+    before, pid = _snapshot(appliance.root), appliance.pid()
+    req = panel.request("apply", json={})
+    assert run_request(appliance).returncode == updater.EXIT_FAILED
+    state = panel.state()
+    assert (state["status"]["id"], state["status"]["state"]) == (req["id"], "refused")
+    assert "bad signature" in state["status"]["message"]
+    assert _snapshot(appliance.root) == before
+    assert appliance.pid() == pid
+    assert (state["history"][0]["request_id"], state["history"][0]["status"]) == (
+        req["id"],
+        "refused",
+    )
