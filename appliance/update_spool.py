@@ -172,8 +172,18 @@ def spool_dir(data_dir: Path) -> Path:
     return data_dir / SPOOL
 
 
+def ensure(data_dir: Path) -> Path:
+    """The spool directory, created private (0700) if missing."""
+    spool = spool_dir(data_dir)
+    if not spool.is_dir():
+        spool.mkdir(parents=True, exist_ok=True)
+        spool.chmod(0o700)
+    return spool
+
+
 def prepare(data_dir: Path) -> Path:
-    """Create the spool (0700) and remove uploads no request refers to (a crash left them)."""
+    """At start: create the spool (0700) and remove uploads no request refers to (a crash
+    between upload and request left them). Only at start: a request may be under way later."""
     spool = spool_dir(data_dir)
     spool.mkdir(parents=True, exist_ok=True)
     spool.chmod(0o700)

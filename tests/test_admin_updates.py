@@ -21,9 +21,10 @@ from werkzeug.datastructures import FileStorage
 
 from appliance import update_spool, updater
 from appliance.admin.update_api import MAX_BUNDLE_CONFIG
+from appliance.app import create_app
 from appliance.config import Settings
 from appliance.updater import Config, Updater
-from tests.conftest import serve_directory
+from tests.conftest import make_settings, serve_directory
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login
 
@@ -411,3 +412,25 @@ def test_a_crashed_run_is_reported_as_failed(host: tuple[Updater, Path]) -> None
     assert code == updater.EXIT_OK
     assert (status["id"], status["state"]) == (HEX, "failed")
     assert "interrupted" in status["message"]
+
+
+async def test_start_removes_uploads_no_request_refers_to(tmp_path: Path) -> None:
+    """A crash between upload and request leaves a bundle; the next start removes it, but
+    never the bundle of a request that is still pending."""
+    data = tmp_path / "data"
+    spool = data / update_spool.SPOOL
+    spool.mkdir(parents=True)
+    orphan = spool / update_spool.upload_name(HEX)
+    orphan.write_bytes(b"x")
+    app = create_app(make_settings(data))
+    async with app.test_app():
+        pass
+    assert not orphan.exists()
+    assert spool.stat().st_mode & 0o777 == 0o700
+
+    orphan.write_bytes(b"x")
+    (spool / update_spool.REQUEST).write_bytes(_request(source=orphan.name))
+    app = create_app(make_settings(data))
+    async with app.test_app():
+        pass
+    assert orphan.exists()

@@ -67,13 +67,13 @@ class Accepted(BaseModel):
 
 
 def _spool() -> Path:
-    return update_spool.prepare(services().settings.data_dir)
+    return update_spool.ensure(services().settings.data_dir)
 
 
 def _updater() -> Updater:
-    cfg = Config.from_env()
-    cfg.data_dir = services().settings.data_dir
-    return Updater(cfg)
+    """Read-only use: list the releases under the install root (UPDATER_ROOT, as the unit)."""
+    root = os.environ.get("UPDATER_ROOT") or str(Config.root)
+    return Updater(Config(root=Path(root), data_dir=services().settings.data_dir))
 
 
 def _lock() -> asyncio.Lock:
@@ -183,7 +183,12 @@ async def upload_update() -> Response:
     spool = _spool()
     _refuse_if_busy(spool)  # before receiving hundreds of MB
     limit = int(current_app.config.get(MAX_BUNDLE_CONFIG, DEFAULT_MAX_BUNDLE))
-    upload = await receive_upload(request, services().settings.tmp_dir, min(limit, MAX_ARTIFACT))
+    try:
+        upload = await receive_upload(
+            request, services().settings.tmp_dir, min(limit, MAX_ARTIFACT)
+        )
+    except OSError as exc:  # the disk filled up while the bundle arrived
+        raise APIError(507, "insufficient_storage", f"cannot store the upload: {exc}") from None
     try:
         if not _BUNDLE_NAME.match(upload.file_name):
             raise APIError(
