@@ -434,3 +434,26 @@ async def test_start_removes_uploads_no_request_refers_to(tmp_path: Path) -> Non
     async with app.test_app():
         pass
     assert orphan.exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({"HTTPS_PORT": "5001"}, "https://127.0.0.1:5001"),
+        (
+            {"HTTPS_PORT": "8443", "HTTPS_ENABLED": "false", "BIND_ADDRESS": "0.0.0.0"},  # noqa: S104
+            "http://127.0.0.1:8443",
+        ),
+        ({"HTTPS_PORT": "5001", "BIND_ADDRESS": "10.0.0.5"}, "https://10.0.0.5:5001"),
+        ({"HTTPS_PORT": "5001", "BIND_ADDRESS": "::"}, "https://[::1]:5001"),
+        (
+            {"HTTPS_PORT": "5001", "UPDATER_URL": "https://appliance.lan:5001"},
+            "https://appliance.lan:5001",
+        ),
+    ],
+)
+def test_run_request_finds_the_service_from_its_env_file(env: dict[str, str], url: str) -> None:
+    """The unit reads the service's env file: the updater checks the service where it listens."""
+    cfg = Config.from_env(env)
+    assert cfg.url == url
+    assert cfg.verify_tls is ("UPDATER_URL" in env)
