@@ -52,23 +52,29 @@ flock 9
 rm -rf "$WORK/wheelhouse"
 cp -al "$ROOT/dist/wheelhouse" "$WORK/wheelhouse"
 
-# What the image is made of. The appliance wheel is hashed by its RECORD (the hashes of the
-# files inside): rebuilding the same code gives a wheel with new timestamps, not a new image.
-inputs_digest() {
-  {
+# What the image is made of, one digest per part (the stamp says which part changed). The
+# appliance wheel is hashed by its RECORD (the hashes of the files inside): rebuilding the same
+# code gives a wheel with new timestamps, not a new image.
+files_digest() { git ls-files -z "$@" | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1; }
+inputs() {
+  echo "wheelhouse $({
     grep -v ' whisper_appliance-' "$WORK/wheelhouse/SHA256SUMS"
     unzip -p "$WORK"/wheelhouse/whisper_appliance-*.whl '*.dist-info/RECORD'
     cat "$WORK/wheelhouse/VERSION" "$WORK/wheelhouse/PYTHON"
-    git ls-files -z roles playbooks scripts/image scripts/pct-standin/build-template ansible.cfg |
-      sort -z | xargs -0 sha256sum
-    echo "zstd $ZSTD_LEVEL"
-  } | sha256sum | cut -d' ' -f1
+  } | sha256sum | cut -d' ' -f1)"
+  echo "ansible $(files_digest roles playbooks ansible.cfg)"
+  echo "scripts $(files_digest scripts/image scripts/pct-standin/build-template)"
+  echo "zstd $ZSTD_LEVEL"
 }
-digest=$(inputs_digest)
+inputs >"$WORK/inputs"
 if [ "${IMAGE_FORCE:-0}" != 1 ] && [ -f "$OUT" ] && [ -f "$OUT.sha256" ] &&
-  [ "$(cat "$STAMP" 2>/dev/null)" = "$digest" ]; then
+  cmp -s "$STAMP" "$WORK/inputs"; then
   msg "$OUT is up to date ($(du -h "$OUT" | cut -f1))"
   exit 0
+fi
+if [ -f "$STAMP" ] && [ -f "$OUT" ]; then
+  msg "rebuilding: changed since the last build: $(diff "$STAMP" "$WORK/inputs" |
+    sed -n 's/^> \([a-z]*\) .*/\1/p' | paste -sd' ')"
 fi
 
 pct() { "$STANDIN/pct" "$@"; }
@@ -148,5 +154,5 @@ in_ct_userns tar --numeric-owner --sort=name --one-file-system -C "$rootfs" \
   zstd -q -T0 "-$ZSTD_LEVEL" >"$OUT.part"
 mv "$OUT.part" "$OUT"
 (cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" >"$(basename "$OUT").sha256")
-echo "$digest" >"$STAMP"
+cp "$WORK/inputs" "$STAMP"
 msg "built $OUT ($(du -h "$OUT" | cut -f1)) in $SECONDS s"
