@@ -10,7 +10,7 @@
 # Skipped when the output exists and its inputs (wheelhouse, roles, playbooks, these scripts)
 # have the same digest as at the last build (IMAGE_FORCE=1 rebuilds). Needs root.
 #   scripts/image/build.sh [OUT.tar.zst]
-#   IMAGE_BUILD_VMID (9110)  IMAGE_BUILD_IP (10.77.77.110)  IMAGE_ZSTD_LEVEL (10)
+#   IMAGE_BUILD_VMID (9110)  IMAGE_BUILD_IP (10.77.77.110)  IMAGE_ZSTD_LEVEL (6)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -20,7 +20,7 @@ STANDIN=$ROOT/scripts/pct-standin
 VMID=${IMAGE_BUILD_VMID:-9110}
 IP=${IMAGE_BUILD_IP:-10.77.77.110}
 GATEWAY=${STANDIN_GATEWAY:-10.77.77.1}
-ZSTD_LEVEL=${IMAGE_ZSTD_LEVEL:-10}
+ZSTD_LEVEL=${IMAGE_ZSTD_LEVEL:-6}
 BASE_NAME=debian-12-standard_12.0-standin_amd64.tar.zst
 BASE=$ROOT/.cache/lxc/$BASE_NAME
 WORK=$ROOT/.cache/image
@@ -88,7 +88,7 @@ cleanup() {
   local rc=$?
   destroy_build_ct || true
   "$STANDIN/standin-net" down >/dev/null || true
-  rm -rf "$WORK/ssh" "$WORK/wheelhouse" "$WORK/inventory.yml" "$OUT.part"
+  rm -rf "$WORK/ssh" "$WORK/wheelhouse" "$WORK/inventory.yml" "$OUT.part" "$OUT.sha256.part"
   if [ "$rc" != 0 ]; then
     echo "===== image build FAILED: last 80 lines of $LOG =====" >&2
     tail -n 80 "$LOG" >&2 || true
@@ -152,7 +152,10 @@ in_ct_userns tar --numeric-owner --sort=name --one-file-system -C "$rootfs" \
   --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' --exclude='./run/*' \
   --exclude='./tmp/*' --exclude='./var/tmp/*' -cf - . |
   zstd -q -T0 "-$ZSTD_LEVEL" >"$OUT.part"
+# The checksum first, then both renames back to back: a reader never sees a mismatched pair.
+sum=$(sha256sum "$OUT.part" | cut -d' ' -f1)
+printf '%s  %s\n' "$sum" "$(basename "$OUT")" >"$OUT.sha256.part"
 mv "$OUT.part" "$OUT"
-(cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" >"$(basename "$OUT").sha256")
+mv "$OUT.sha256.part" "$OUT.sha256"
 cp "$WORK/inputs" "$STAMP"
 msg "built $OUT ($(du -h "$OUT" | cut -f1)) in $SECONDS s"
