@@ -8,7 +8,7 @@ IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | he
 CT_IMAGE := dist/image/whisper-appliance-$(IMAGE_VERSION)-debian-12_amd64.tar.zst
 
 # A wheelhouse older than the code it was built from is rebuilt first (make dist).
-dist/wheelhouse/VERSION: $(shell git ls-files appliance pyproject.toml requirements.lock 2>/dev/null)
+dist/wheelhouse/VERSION: $(wildcard $(shell git ls-files appliance pyproject.toml requirements.lock 2>/dev/null))
 
 .PHONY: image
 image: dist/wheelhouse/VERSION collections ## Proxmox CT template dist/image/*.tar.zst + .sha256 (root; skipped when up to date)

@@ -149,7 +149,7 @@ def cts(image: Path) -> Iterator[tuple[CT, CT]]:
         if os.environ.get("IMAGE_TEST_KEEP") != "1":
             for ct in CTS:
                 destroy(ct)
-            template.unlink(missing_ok=True)
+            # The template stays in the storage, as on Proxmox (the next run replaces it).
             run([str(STANDIN / "standin-net"), "down"], check=False)
 
 
