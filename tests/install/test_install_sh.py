@@ -15,12 +15,18 @@ CTIDs 9120-9125 and 10.77.77.120-.125 are reserved for these tests.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import pty
 import re
+import select
 import shutil
 import ssl
+import struct
 import subprocess
+import termios
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,6 +260,71 @@ def test_foreign_ct_is_left_alone() -> None:
     assert (STANDIN_ROOT / "pve" / "lxc" / "9125.conf").read_bytes() == config
     assert pct("status", "9125").strip() == "status: stopped"
     destroy(9125)
+
+
+# --- interactive: whiptail on a terminal --------------------------------------------------------
+class Terminal:
+    """install.sh on a pseudo-terminal, answered key by key like a user at the console."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.fd, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            ["bash", str(INSTALL_SH)],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.screen = b""  # not yet matched by read()
+        self.log = b""  # everything shown
+
+    def read(self, until: str, timeout: float = 30) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if until.encode() in self.screen:
+                self.screen = self.screen.split(until.encode(), 1)[1]
+                return True
+            if select.select([self.fd], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                    self.screen += chunk
+                    self.log += chunk
+                except OSError:  # the installer ended
+                    break
+        return False
+
+    def answer(self, prompt: str, keys: str) -> None:
+        assert self.read(prompt), f"no dialog {prompt!r} on the screen: {self.screen[-500:]!r}"
+        time.sleep(0.3)
+        os.write(self.fd, keys.encode())
+
+
+def test_interactive_answers_are_validated_like_variables() -> None:
+    if shutil.which("whiptail") is None:
+        pytest.fail("whiptail missing: make setup WITH_LXC=1 installs it")
+    env = settings_env(base_settings(9124, image_sha256="0" * 64))
+    env["TERM"] = "xterm"
+    term = Terminal(env)
+    try:
+        term.answer("Install with these settings?", "\t\r")  # <No>: change them
+        term.answer("Container ID", "\r")
+        term.answer("Host name", "\x7f" * 40 + "bad;name\r")
+        for prompt in ("CPU cores", "RAM", "Disk size", "Storage for", "Network bridge", "IPv4"):
+            term.answer(prompt, "\r")
+        term.answer("Gateway", "\r")
+        term.answer("Speech model", "\r")
+        assert term.proc.wait(timeout=60) == 2
+        term.read("nothing was changed", timeout=5)
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", " ", term.log.decode(errors="replace"))
+        assert "var_hostname must be a host name" in text and "'bad;name'" in text, text[-800:]
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+        os.close(term.fd)
+    assert 9124 not in ct_ids()
 
 
 # --- (3) wrong checksum --------------------------------------------------------------------------
