@@ -147,6 +147,10 @@ def base_settings(ctid: int, /, **more: str) -> dict[str, str]:
 def lab() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("install.sh tests need root (LXC containers, bridge, NAT): make test-install")
+    for ids in (Path("/etc/subuid"), Path("/etc/subgid")):  # unprivileged CTs, as on Proxmox
+        if "root:100000:65536" not in (ids.read_text().split() if ids.exists() else []):
+            with ids.open("a") as f:
+                f.write("root:100000:65536\n")
     subprocess.run([str(STANDIN / "build-template"), str(BASE)], check=True, timeout=900)
     subprocess.run([str(STANDIN / "standin-net"), "up"], check=True, timeout=60)
     for ctid in CTIDS:
@@ -165,15 +169,17 @@ def lab() -> Iterator[None]:
 # --- (6) not root, not Proxmox -------------------------------------------------------------------
 def test_refuses_without_root() -> None:
     env = settings_env(base_settings(9124))
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(INSTALL_SH)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    with INSTALL_SH.open() as script:  # on stdin: the repository may be unreadable for nobody
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-s"],
+            env=env,
+            stdin=script,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert result.returncode == 2, result
     assert "run this as root" in result.stderr
     assert 9124 not in ct_ids()
