@@ -46,7 +46,7 @@ fail() { msg_error "$*"; exit 1; }
 
 usage() {  # the header above; run as `bash -c "$(curl ...)"` there is no file to read
   if [ -f "$0" ]; then sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
-  else echo "Whisper appliance $RELEASE_VERSION installer: see README.md, \"Install on Proxmox (one line)\""; fi
+  else echo "Whisper appliance $RELEASE_VERSION installer: README.md, \"Install on Proxmox\""; fi
 }
 
 # --- settings ----------------------------------------------------------------------------------
@@ -126,20 +126,24 @@ is_storage() {  # is_storage NAME CONTENT: a storage ID of this host that holds 
 validate() {
   if [ -n "$CTID" ]; then in_range var_ctid "$CTID" 100 999999999 ""; CTID=$((10#$CTID)); fi
   is_hostname "$CT_HOSTNAME" ||
-    refuse "var_hostname must be a host name (RFC 1123: letters, digits, inner '-', '.'), got '$CT_HOSTNAME'"
+    refuse "var_hostname must be a host name (RFC 1123: letters, digits, inner '-', '.')," \
+      "got '$CT_HOSTNAME'"
   in_range var_cpu "$CPU" 1 512 " cores"
   in_range var_ram "$RAM" 1024 4194304 " MiB"
   in_range var_swap "$SWAP" 0 4194304 " MiB"
   in_range var_disk "$DISK" 4 131072 " GiB"
   in_range var_health_timeout "$HEALTH_TIMEOUT" 1 86400 " s"
   [[ $UNPRIVILEGED =~ ^[01]$ ]] || refuse "var_unprivileged must be 0 or 1, got '$UNPRIVILEGED'"
-  [[ $BRIDGE =~ ^[A-Za-z0-9_.-]{1,15}$ ]] || refuse "var_bridge must be an interface name, got '$BRIDGE'"
+  [[ $BRIDGE =~ ^[A-Za-z0-9_.-]{1,15}$ ]] ||
+    refuse "var_bridge must be an interface name, got '$BRIDGE'"
   if [ "$NET" != dhcp ]; then
     is_cidr "$NET" ||
       refuse "var_net must be 'dhcp' or an IPv4 address with prefix (192.168.1.50/24), got '$NET'"
   fi
-  [ -z "$GATEWAY" ] || is_ipv4 "$GATEWAY" || refuse "var_gateway must be an IPv4 address, got '$GATEWAY'"
-  [ -z "$GATEWAY" ] || [ "$NET" != dhcp ] || refuse "var_gateway needs a static var_net (DHCP sets the gateway)"
+  if [ -n "$GATEWAY" ]; then
+    is_ipv4 "$GATEWAY" || refuse "var_gateway must be an IPv4 address, got '$GATEWAY'"
+    [ "$NET" != dhcp ] || refuse "var_gateway needs a static var_net (DHCP sets the gateway)"
+  fi
   if [ -n "$MODEL" ] && ! printf '%s\n' "${MODELS[@]}" | grep -xF -- "$MODEL" >/dev/null; then
     refuse "var_model must be one of: ${MODELS[*]}; got '$MODEL'"
   fi
@@ -151,7 +155,8 @@ validate() {
       refuse "var_image must be a CT template named like NAME.tar.zst, got '$IMAGE'"
   fi
   [[ $IMAGE_SHA256 =~ ^[0-9a-fA-F]{64}$ ]] || {
-    [ -n "${var_image_sha256:-}" ] && refuse "var_image_sha256 must be 64 hex digits, got '$IMAGE_SHA256'"
+    [ -z "${var_image_sha256:-}" ] ||
+      refuse "var_image_sha256 must be 64 hex digits, got '$IMAGE_SHA256'"
     refuse "this install.sh is not a release (no pinned checksum): use the install.sh published" \
       "with a release, or give var_image_sha256 (and var_image or var_release_url)"
   }
@@ -165,7 +170,8 @@ validate() {
     mapfile -t rootdirs < <(storages_for rootdir)
     STORAGE=${rootdirs[0]:-}
     [[ " ${rootdirs[*]} " != *" local-lvm "* ]] || STORAGE=local-lvm
-    [ -n "$STORAGE" ] || refuse "no storage here can hold CT disks (content rootdir): set var_storage"
+    [ -n "$STORAGE" ] ||
+      refuse "no storage here can hold CT disks (content rootdir): set var_storage"
   fi
   is_storage "$STORAGE" rootdir ||
     refuse "var_storage '$STORAGE' is no storage for CT disks here (these are:" \
@@ -174,7 +180,9 @@ validate() {
 }
 
 # The appliance made by an earlier run: var_ctid if given, else a tagged CT with our host name.
-has_tag() { pct config "$1" 2>/dev/null | sed -n 's/^tags: //p' | tr ';, ' '\n' | grep -xF -- "$APP_TAG" >/dev/null; }
+has_tag() {
+  pct config "$1" 2>/dev/null | sed -n 's/^tags: //p' | tr ';, ' '\n' | grep -xF -- "$APP_TAG" >/dev/null
+}
 ct_exists() { pct config "$1" >/dev/null 2>&1; }
 find_existing() {
   local id name
@@ -185,7 +193,10 @@ find_existing() {
 }
 
 # --- questions (interactive only) --------------------------------------------------------------
-wt() { whiptail --backtitle "Whisper appliance $RELEASE_VERSION" --title "Whisper appliance" "$@" 3>&1 1>&2 2>&3; }
+wt() {  # whiptail answers on stderr: swap it with stdout for $(...)
+  whiptail --backtitle "Whisper appliance $RELEASE_VERSION" --title "Whisper appliance" "$@" \
+    3>&1 1>&2 2>&3
+}
 ask() {  # ask VAR PROMPT: an input box prefilled with the current value
   local value
   value=$(wt --inputbox "$2" 9 70 "${!1}") || fail "cancelled: nothing was changed"
@@ -194,8 +205,8 @@ ask() {  # ask VAR PROMPT: an input box prefilled with the current value
 dialogs() {
   command -v whiptail >/dev/null ||
     refuse "whiptail is missing: apt-get install whiptail, or run with --unattended"
-  local summary="CT $CTID '$CT_HOSTNAME': $CPU cores, $RAM MiB RAM, $DISK GiB disk on ${STORAGE:-local-lvm},"
-  summary+=" $BRIDGE $NET, model ${MODEL:-default (tiny.en)}"
+  local summary="CT $CTID '$CT_HOSTNAME': $CPU cores, $RAM MiB RAM, $DISK GiB disk"
+  summary+=" on ${STORAGE:-local-lvm}, $BRIDGE $NET, model ${MODEL:-default (tiny.en)}"
   wt --yesno "$summary\n\nInstall with these settings?\n(No: change them)" 12 76 && return 0
   ask CTID "Container ID"
   ask CT_HOSTNAME "Host name"
@@ -244,11 +255,12 @@ fetch_template() {  # sets TEMPLATE (storage:vztmpl/NAME) to a verified file
 }
 
 # --- the container -----------------------------------------------------------------------------
-CREATED=""   # set once `pct create` was called: on failure the CT is destroyed again
+CREATED=""   # set when `pct create` is called (it may fail half-way): on failure the CT goes
 cleanup() {
   local rc=$?
   [ -z "$PART" ] || rm -f -- "$PART"
-  if [ "$rc" -ne 0 ] && [ -n "$CREATED" ] && ct_exists "$CTID"; then
+  # has_tag: should pct create fail because another CT took the ID meanwhile, that one stays.
+  if [ "$rc" -ne 0 ] && [ -n "$CREATED" ] && ct_exists "$CTID" && has_tag "$CTID"; then
     msg_error "installation failed: removing the half-created CT $CTID"
     pct exec "$CTID" -- journalctl -u "$SERVICE" -n 15 --no-pager >&2 2>/dev/null || true
     pct stop "$CTID" >/dev/null 2>&1 || true
@@ -316,7 +328,8 @@ wait_healthy() {
   until [ -n "$CT_IP" ] && pct exec "$CTID" -- python3 -c "$PROBE" >/dev/null 2>&1; do
     [ -n "$CT_IP" ] || CT_IP=$(ct_ip 2>/dev/null || true)
     [ "$SECONDS" -lt "$DEADLINE" ] ||
-      fail "CT $CTID is not healthy after $HEALTH_TIMEOUT s (https://127.0.0.1:$HTTPS_PORT/health in the CT${CT_IP:+, address $CT_IP})"
+      fail "CT $CTID is not healthy after $HEALTH_TIMEOUT s" \
+        "(https://127.0.0.1:$HTTPS_PORT/health in the CT${CT_IP:+, address $CT_IP})"
     sleep 3
   done
   msg_ok "healthy ($((SECONDS - DEADLINE + HEALTH_TIMEOUT)) s after the start)"
