@@ -8,10 +8,10 @@ TEST_EXTRA += test-install
 INSTALL_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n1)
 INSTALL_IMAGE := dist/image/whisper-appliance-$(INSTALL_VERSION)-debian-12_amd64.tar.zst
 SHELL_SCRIPTS = $(shell { echo install.sh; git ls-files --cached --others --exclude-standard \
-  '*.sh' scripts/pct-standin; } 2>/dev/null | grep -v '\.md$$' | sort -u)
+  '*.sh' scripts/pct-standin .ci/run; } 2>/dev/null | grep -v '\.md$$' | sort -u)
 
 .PHONY: lint-shell
-lint-shell: setup ## shellcheck over install.sh, scripts/**/*.sh and the pct stand-in
+lint-shell: setup ## shellcheck over install.sh, every *.sh, .ci/run and the pct stand-in
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 
 .PHONY: installer
