@@ -6,8 +6,9 @@ The release installer (dist/install.sh, pinned by `make installer` to the CT tem
 verifies it, creates the CT, waits for health and prints URL, password command and CA link; the
 test follows the three: the CA from the link verifies the HTTPS certificate of the URL. A re-run
 finds the CT by its host name and tag, starts it, and creates nothing. A wrong checksum, a
-template that never gets healthy, bad settings, a foreign CT, no root and no Proxmox are refused
-or rolled back, and leave no CT and no file behind.
+template that never gets healthy, an interrupted run, bad settings (also typed into the whiptail
+dialogs), a foreign CT, no root and no Proxmox are refused or rolled back, and leave no CT and no
+file behind.
 
 The stand-in keeps its state in its own root (STANDIN_ROOT), so molecule's CTs are never seen.
 CTIDs 9120-9125 and 10.77.77.120-.125 are reserved for these tests.
@@ -22,6 +23,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import ssl
 import struct
 import subprocess
@@ -383,6 +385,30 @@ def test_ct_that_never_gets_healthy_is_destroyed() -> None:
     assert 9123 not in ct_ids()
     assert not (STANDIN_ROOT / "lxc" / "9123").exists()
     assert BASE.name in templates()  # the verified template stays for the next run
+
+
+@pytest.mark.timeout(600)
+def test_interrupted_install_is_rolled_back() -> None:
+    """Ctrl-C, a closed SSH session, a killed job: the half-created CT goes as well."""
+    with subprocess.Popen(
+        ["bash", str(INSTALL_SH)],
+        env=settings_env(base_settings(9121, health_timeout="300")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        shown = ""
+        for line in proc.stdout:
+            shown += line
+            if "waiting for the appliance" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        shown += proc.stdout.read()
+        assert proc.wait(timeout=120) == 130, shown
+    assert "removing the half-created CT 9121" in shown and "CT 9121 removed" in shown
+    assert 9121 not in ct_ids()
 
 
 # --- (1) end to end with the release, (2) re-run -------------------------------------------------
