@@ -354,7 +354,8 @@ main() {
     CTID=$(find_existing)
     [ -n "$CTID" ] || CTID=$(pvesh get /cluster/nextid) || refuse "pvesh get /cluster/nextid failed"
   fi
-  [ "$UNATTENDED" = 1 ] || dialogs
+  # Questions only for a new CT: a re-run leaves an existing one as it is.
+  [ "$UNATTENDED" = 1 ] || { ct_exists "$CTID" && has_tag "$CTID"; } || dialogs
   validate
   if ct_exists "$CTID"; then
     has_tag "$CTID" || refuse "CT $CTID exists and is not a Whisper appliance (no tag" \
