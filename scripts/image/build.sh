@@ -59,7 +59,9 @@ files_digest() { git ls-files -z "$@" | sort -z | xargs -0 sha256sum | sha256sum
 inputs() {
   echo "wheelhouse $({
     grep -v ' whisper_appliance-' "$WORK/wheelhouse/SHA256SUMS"
-    unzip -p "$WORK"/wheelhouse/whisper_appliance-*.whl '*.dist-info/RECORD'
+    python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); sys.stdout.buffer.write(
+      b"".join(z.read(n) for n in z.namelist() if n.endswith(".dist-info/RECORD")))' \
+      "$WORK"/wheelhouse/whisper_appliance-*.whl
     cat "$WORK/wheelhouse/VERSION" "$WORK/wheelhouse/PYTHON"
   } | sha256sum | cut -d' ' -f1)"
   echo "ansible $(files_digest roles playbooks ansible.cfg)"
