@@ -3,7 +3,7 @@
 Into OUT (default molecule/.cache/releases/):
 - keys/trusted.pem + trusted.pub: the signing key the role installs as trusted;
   keys/untrusted.pem + untrusted.pub: a key the appliance does not know;
-- update/: release N+1 as a `.release.tar` bundle (the admin panel's upload), the same source
+- next/: release N+1 as a `.release.tar` bundle (the admin panel's upload), the same source
   as the wheelhouse with the version bumped;
 - broken/: release N+2 as a directory (the admin panel's URL source): installs and starts, but
   GET /health answers 503 for ever, so the updater must roll back by itself;
@@ -161,18 +161,20 @@ def main(argv: list[str] | None = None) -> int:
             generate_keypair(keys / f"{name}.pem", keys / f"{name}.pub")
     base = (wheelhouse / "VERSION").read_text().strip()
     plan = {  # name: (version, broken, signing key, bundle)
-        "update": (bumped(base, 1), False, "trusted", True),
+        "next": (bumped(base, 1), False, "trusted", True),
         "broken": (bumped(base, 2), True, "trusted", False),
         "untrusted": (bumped(base, 3), False, "untrusted", False),
     }
     index.unlink(missing_ok=True)
+    for old in out.iterdir():  # releases of an earlier build (the keys stay)
+        if old.is_dir() and old.name != "keys":
+            shutil.rmtree(old)
     result: dict[str, object] = {"base": base, "key": str(keys / "trusted.pub")}
     with tempfile.TemporaryDirectory(prefix="test-releases-", dir=out) as tmp:
         work = Path(tmp)
         for name, (ver, broken, key, bundle) in plan.items():
             wheel = build_wheel(ver, work / f"wheel-{name}", work, broken=broken)
             house = wheelhouse_with(wheelhouse, wheel, ver, work / f"wheelhouse-{name}")
-            shutil.rmtree(out / name, ignore_errors=True)
             built = build_release(
                 house,
                 out / name,

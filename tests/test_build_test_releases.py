@@ -61,12 +61,12 @@ def test_builds_signed_releases_and_caches_them(tmp_path: Path) -> None:
     build(wheelhouse, out)
     index = json.loads((out / "releases.json").read_text())
     trusted = [load_public_key(out / "keys" / "trusted.pub")]
-    versions = [index[name]["version"] for name in ("update", "broken", "untrusted")]
+    versions = [index[name]["version"] for name in ("next", "broken", "untrusted")]
     assert versions == ["0.1.0+update1", "0.1.0+update2", "0.1.0+update3"]
     assert all(version_key(v) > version_key("0.1.0") for v in versions)
-    assert index["update"]["path"].endswith(".release.tar")
+    assert index["next"]["path"].endswith(".release.tar")
 
-    for name in ("update", "broken"):
+    for name in ("next", "broken"):
         release = fetch_verified(index[name]["path"], tmp_path / f"stage-{name}", trusted)
         assert release.manifest.version == index[name]["version"]
         files = unpack_wheelhouse(release.tarball, tmp_path / f"unpacked-{name}")
