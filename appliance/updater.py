@@ -839,6 +839,7 @@ def run_request(upd: Updater) -> int:
 
     The spool belongs to the less privileged web process: see appliance.update_spool for what
     is checked. Whatever happens, the request is consumed, so the path unit never loops.
+    Exit status: 0 handled (whatever the outcome), 3 the service is left down, 1 no spool.
     """
     try:
         spool = update_spool.Spool(upd.cfg.spool_dir)
@@ -918,7 +919,7 @@ def _handle_request(upd: Updater, spool: update_spool.Spool, name: str) -> int:
         if upload:
             spool.remove(upload)
         print(f"updater: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_OK  # handled: the outcome is in status.json and the history
     spool.write_status(
         _status(
             req.id,
@@ -964,7 +965,9 @@ def _handle_request(upd: Updater, spool: update_spool.Spool, name: str) -> int:
         )
     )
     print(json.dumps({"request": req.id, **outcome.as_dict()}))
-    return outcome.exit_code
+    # a refused or rolled-back update is a handled request, not a failed unit (that would mark
+    # the system degraded); only a service left down fails the unit
+    return EXIT_ROLLBACK_FAILED if outcome.exit_code == EXIT_ROLLBACK_FAILED else EXIT_OK
 
 
 def _act(upd: Updater, spool: update_spool.Spool, req: update_spool.UpdateRequest) -> Outcome:
