@@ -48,6 +48,7 @@ BUNDLE_SUFFIX = ".release.tar"
 DEFAULT_KEY_DIR = Path("/etc/whisper-appliance/release-keys")
 MAX_SMALL = 1024 * 1024  # manifest and signature
 MAX_ARTIFACT = 8 * 1024**3
+MAX_BUNDLE = MAX_ARTIFACT + 4 * MAX_SMALL  # the artifact, manifest, signature, tar headers
 _CHUNK = 1024 * 1024
 _VERSION = re.compile(r"^(\d+(?:\.\d+){0,3})([.+-]?[0-9A-Za-z.+-]{0,40})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
@@ -431,7 +432,13 @@ def _open_source(source: str, staging: Path) -> _Source:
             ):
                 if response.status_code != 200:
                     raise ReleaseError(f"{source} answered HTTP {response.status_code}")
+                got = 0
                 for chunk in response.iter_bytes(_CHUNK):
+                    got += len(chunk)
+                    if got > MAX_BUNDLE:  # a hostile or broken server must not fill the disk
+                        out.close()
+                        bundle.unlink(missing_ok=True)
+                        raise ReleaseError(f"{source} is larger than {MAX_BUNDLE} bytes")
                     out.write(chunk)
             return _BundleSource(bundle)
         if source.endswith("/" + MANIFEST):

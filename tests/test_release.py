@@ -318,6 +318,17 @@ def test_verify_from_a_url(
         fetch_verified(f"{url}/releases/", tmp_path / "s", trusted_keys)
 
 
+def test_an_oversized_bundle_download_stops_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http_dir: tuple[str, Path]
+) -> None:
+    url, root = http_dir
+    (root / f"huge{BUNDLE_SUFFIX}").write_bytes(b"\0" * 4 * 1024 * 1024)
+    monkeypatch.setattr(release, "MAX_BUNDLE", 3 * 1024 * 1024)
+    with pytest.raises(ReleaseError, match="larger than"):
+        fetch_verified(f"{url}/huge{BUNDLE_SUFFIX}", tmp_path / "s", [])
+    assert not list((tmp_path / "s").rglob(f"*{BUNDLE_SUFFIX}"))  # nothing left on disk
+
+
 def test_command_line_keygen_build_verify(
     tmp_path: Path, wheelhouse: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
