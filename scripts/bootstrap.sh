@@ -27,7 +27,7 @@ APT_PACKAGES=(ffmpeg sox espeak-ng python3-venv ca-certificates)
 if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core libnss3-tools); fi
 if [ "${WITH_CONTAINER:-0}" = 1 ]; then APT_PACKAGES+=(podman runc mmdebstrap uidmap); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
-  APT_PACKAGES+=(lxc mmdebstrap uidmap nftables iproute2 zstd openssh-client openssl whiptail)
+  APT_PACKAGES+=(lxc lxc-templates mmdebstrap uidmap nftables iproute2 zstd openssh-client openssl whiptail)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
