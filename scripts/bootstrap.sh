@@ -23,12 +23,16 @@ need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
 }
 
 # --- system packages ---------------------------------------------------------
-APT_PACKAGES=(ffmpeg sox espeak-ng python3-venv ca-certificates)
+# Every Debian package any make target or test uses, and nothing assumed to be there already:
+# `make test-fresh` checks this list in a minimal Debian 12 rootfs (scripts/check_commands.py).
+APT_PACKAGES=(make git ffmpeg sox espeak-ng python3-venv ca-certificates)
 if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core libnss3-tools); fi
 if [ "${WITH_CONTAINER:-0}" = 1 ]; then APT_PACKAGES+=(podman runc mmdebstrap uidmap); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
-  APT_PACKAGES+=(lxc lxc-templates mmdebstrap uidmap nftables iproute2 zstd openssh-client openssl whiptail)
+  APT_PACKAGES+=(lxc lxc-templates mmdebstrap uidmap nftables iproute2 zstd openssh-client openssl whiptail
+    shfmt curl)
 fi
+if [ "${1:-}" = --print-packages ]; then printf '%s\n' "${APT_PACKAGES[@]}" | sort -u; exit 0; fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
