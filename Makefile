@@ -20,8 +20,8 @@ run: setup ## Install what is missing, then serve on https://0.0.0.0:5001 (HTTPS
 
 .PHONY: lint
 lint: setup ## ruff, mypy --strict, ansible-lint (production) and yamllint
-	$(VENV)/bin/ruff check appliance tests bench
-	$(VENV)/bin/ruff format --check appliance tests bench
+	$(VENV)/bin/ruff check appliance tests bench scripts
+	$(VENV)/bin/ruff format --check appliance tests bench scripts
 	$(VENV)/bin/mypy appliance
 	$(MAKE) --no-print-directory lint-extra
 

@@ -81,9 +81,7 @@ def _literal(word: dict[str, Any]) -> str | None:
     parts = word.get("Parts") or []
     text = ""
     for part in parts:
-        if part.get("Type") == "Lit":
-            text += part.get("Value", "")
-        elif part.get("Type") in ("SglQuoted",):
+        if part.get("Type") == "Lit" or part.get("Type") in ("SglQuoted",):
             text += part.get("Value", "")
         elif part.get("Type") == "DblQuoted" and all(
             p.get("Type") == "Lit" for p in part.get("Parts") or []
@@ -224,11 +222,11 @@ def scan_python(source: str, where: str, found: Found) -> None:
             continue
         func = node.func
         attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+        owner = ""
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            owner = func.value.id
         program = None
-        if owner == "subprocess" and attr in SUBPROCESS_CALLS:
-            program = _program(node.args[0])
-        elif attr == "create_subprocess_exec":
+        if (owner == "subprocess" and attr in SUBPROCESS_CALLS) or attr == "create_subprocess_exec":
             program = _program(node.args[0])
         elif attr == "which" and id(node) not in grouped:
             program = _which(node)
@@ -251,7 +249,7 @@ def tracked(*patterns: str) -> list[Path]:
 
 
 def is_shell(path: Path) -> bool:
-    if path.suffix == ".sh" or path.name == "run" and path.parent.name == ".ci":
+    if path.suffix == ".sh" or (path.name == "run" and path.parent.name == ".ci"):
         return True
     head = path.read_bytes()[:64]
     return head.startswith(b"#!") and b"sh" in head.split(b"\n")[0]

@@ -11,16 +11,14 @@ key=$(printf '%s\n' "$packages" | sha256sum | cut -c1-16)
 rootfs=.cache/fresh-rootfs/$key
 # An interrupted mmdebstrap can leave /proc mounted inside: unmount before removing anything.
 unmount_all() {
-  local m
-  for m in $(awk -v d="$PWD/.cache/fresh-rootfs/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
-    umount -l "$m"
-  done
+  awk -v d="$PWD/.cache/fresh-rootfs/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r |
+    while read -r m; do umount -l "$m"; done
 }
 if [ ! -f "$rootfs/.complete" ]; then
   unmount_all
   rm -rf --one-file-system .cache/fresh-rootfs
   mkdir -p .cache/fresh-rootfs
-  echo "==> minimal Debian 12 rootfs with: $(printf '%s ' $packages)"
+  echo "==> minimal Debian 12 rootfs with: $(printf '%s\n' "$packages" | paste -sd' ')"
   # No mirror argument: mmdebstrap uses this host's apt sources, as bootstrap.sh's apt-get does.
   mmdebstrap --quiet --variant=minbase --include="$(printf '%s\n' "$packages" | paste -sd,)" \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
