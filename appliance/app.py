@@ -15,7 +15,7 @@ from quart_schema import Info, QuartSchema
 
 from appliance import __version__, api
 from appliance.config import Settings
-from appliance.db import Database
+from appliance.db import Database, StartupError
 from appliance.engines import create_engine
 from appliance.errors import register_error_handlers
 from appliance.history import History
@@ -28,10 +28,24 @@ log = logging.getLogger(__name__)
 
 
 async def start_services(settings: Settings) -> Services:
-    """Open the database, prepare directories and start the job workers."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    prepare_tmp_dir(settings.tmp_dir)
+    """Open the database, prepare directories and start the job workers.
+
+    Any failure closes the database again, so the process can exit (StartupError).
+    """
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_tmp_dir(settings.tmp_dir)
+    except OSError as exc:
+        raise StartupError(f"DATA_DIR {settings.data_dir} is not usable: {exc}") from exc
     db = await Database.open(settings.db_path)
+    try:
+        return await _start_on(settings, db)
+    except BaseException:
+        await db.close()
+        raise
+
+
+async def _start_on(settings: Settings, db: Database) -> Services:
     history = History(db, settings.history_retention_days, settings.history_max_rows)
     await history.migrate()
     engine = create_engine(
@@ -59,7 +73,17 @@ async def start_services(settings: Settings) -> Services:
             timings=job.timings,
         )
 
-    jobs = JobQueue(models, workers=settings.workers, max_queue=settings.max_queue, on_done=save)
+    jobs = JobQueue(
+        models,
+        db=db,
+        jobs_dir=settings.jobs_dir,
+        workers=settings.workers,
+        max_queue=settings.max_queue,
+        retention_hours=settings.job_retention_hours,
+        on_done=save,
+        load_result=history.transcript,
+    )
+    jobs.max_audio_duration = settings.max_audio_duration
     await jobs.start()
     return Services(settings=settings, db=db, history=history, models=models, jobs=jobs)
 
@@ -100,7 +124,11 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.before_serving
     async def _startup() -> None:
-        services = await start_services(settings)
+        try:
+            services = await start_services(settings)
+        except Exception as exc:  # the database, DATA_DIR, a migration: say it, then exit
+            log.critical("cannot start: %s", exc)
+            raise
         app.extensions["appliance"] = services
         services.extras["warm_up"] = asyncio.create_task(_warm_up(services))
         services.ready = True

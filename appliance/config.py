@@ -76,6 +76,21 @@ def _int_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _minutes(high: int) -> Callable[[str], float]:
+    """Minutes from 0 to `high`; fractions allowed (0.5 = 30 s), whole values stay ints."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected minutes such as 60 or 0.5, got {text!r}") from None
+        if not 0 <= value <= high:  # also refuses nan and inf
+            raise ValueError(f"expected minutes from 0 to {high}, got {text.strip()!r}")
+        return int(value) if value.is_integer() else value
+
+    return parse
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -180,6 +195,12 @@ class Settings:
     max_upload_size: int = _env(
         "MAX_UPLOAD_SIZE", parse_size, 100 * 1000**2, "Largest accepted upload (100MB, 1GiB, bytes)"
     )
+    max_audio_duration: int = _env(
+        "MAX_AUDIO_DURATION",
+        _int_range(1, 7 * 24 * 3600),
+        4 * 3600,
+        "Longest audio accepted for transcription, in seconds (14400 = 4 h); longer gets 413",
+    )
     max_queue: int = _env(
         "MAX_QUEUE", _int_range(1, 10000), 32, "Jobs waiting at most; more get 429"
     )
@@ -204,6 +225,12 @@ class Settings:
         _int_range(0, 10_000_000),
         0,
         "Keep at most this many entries (0 = no limit)",
+    )
+    job_retention_hours: int = _env(
+        "JOB_RETENTION_HOURS",
+        _int_range(1, 8760),
+        24,
+        "Hours a finished job stays queryable at /api/jobs/{id}; then its row is pruned",
     )
     allowed_origins: tuple[str, ...] = _env(
         "ALLOWED_ORIGINS",
@@ -243,11 +270,12 @@ class Settings:
         4,
         "Live speech sessions at once (0 = no limit)",
     )
-    live_max_minutes: int = _env(
+    live_max_minutes: float = _env(
         "LIVE_MAX_MINUTES",
-        _int_range(0, 1440),
+        _minutes(1440),
         60,
-        "Longest live speech session in minutes (0 = no limit)",
+        "Longest live speech session in minutes of wall-clock time from connecting "
+        "(0 = no limit; fractions allowed)",
     )
     # --- live speech (issue 5): limits of one /ws/live connection and its segmentation ---
     live_max_frame_bytes: int = _env(
@@ -266,7 +294,7 @@ class Settings:
         "LIVE_IDLE_TIMEOUT",
         _int_range(1, 3600),
         30,
-        "Seconds without any frame before a live connection is closed",
+        "Seconds without audio before a live connection is closed (pings do not count)",
     )
     live_max_utterance_seconds: int = _env(
         "LIVE_MAX_UTTERANCE_SECONDS",
@@ -294,6 +322,11 @@ class Settings:
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Audio of accepted jobs, kept until the job finishes (survives restarts)."""
+        return self.data_dir / "jobs"
 
     @property
     def models_dir(self) -> Path:

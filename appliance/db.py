@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The appliance cannot start: the database or DATA_DIR is unusable (the message says why)."""
 
 
 class Database:
@@ -26,18 +32,42 @@ class Database:
 
     @classmethod
     async def open(cls, path: Path) -> Database:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path)
-        conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version ("
-            " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        await conn.commit()
-        await asyncio.to_thread(_owner_only, path)
+        """Open (or create) the database; StartupError if it cannot be used.
+
+        On any failure the connection and its thread are closed again: aiosqlite's worker
+        thread is not a daemon, and a left-over one kept the process alive after a failed
+        start instead of letting it exit (a systemd unit hung until its start timeout).
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create {path.parent}: {exc}") from exc
+        connecting = aiosqlite.connect(path)
+        # belt and braces: whatever fails later, this thread must never hold the process
+        thread = getattr(connecting, "_thread", None)
+        if isinstance(thread, threading.Thread):
+            thread.daemon = True
+        try:
+            conn = await connecting
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(f"cannot open the database {path}: {exc}") from exc
+        try:
+            conn.row_factory = aiosqlite.Row
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            await conn.commit()
+            await asyncio.to_thread(_owner_only, path)
+        except (sqlite3.Error, OSError) as exc:
+            await conn.close()
+            raise StartupError(f"cannot use the database {path}: {exc}") from exc
+        except BaseException:
+            await conn.close()
+            raise
         return cls(conn, path)
 
     async def migrate(self, component: str, migrations: Sequence[str]) -> int:

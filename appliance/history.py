@@ -7,6 +7,8 @@ each insert and at start.
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import time
 import uuid
 from dataclasses import asdict
@@ -43,6 +45,40 @@ MIGRATIONS = [
         VALUES ('delete', old.rowid, old.text, old.filename);
     END;
     """,
+    # issue 14: transcripts also come from /asr (whisper-asr-webservice API), Wyoming and the
+    # OpenAI Realtime API. SQLite cannot alter a CHECK: the table is rebuilt (rowids kept,
+    # so the FTS index stays valid; DROP TABLE fires no triggers).
+    """
+    CREATE TABLE transcripts_v2 (
+        id TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL,
+        source TEXT NOT NULL
+            CHECK (source IN ('upload', 'api', 'live', 'asr', 'wyoming', 'realtime')),
+        filename TEXT NOT NULL DEFAULT '',
+        duration REAL NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        language TEXT NOT NULL DEFAULT '',
+        task TEXT NOT NULL DEFAULT 'transcribe',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        timings TEXT NOT NULL DEFAULT '{}'
+    );
+    INSERT INTO transcripts_v2 (rowid, id, created, source, filename, duration, model, language,
+        task, text, segments, timings)
+    SELECT rowid, id, created, source, filename, duration, model, language, task, text,
+        segments, timings FROM transcripts;
+    DROP TABLE transcripts;
+    ALTER TABLE transcripts_v2 RENAME TO transcripts;
+    CREATE INDEX transcripts_created ON transcripts(created);
+    CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
+        INSERT INTO transcripts_fts(rowid, text, filename)
+        VALUES (new.rowid, new.text, new.filename);
+    END;
+    CREATE TRIGGER transcripts_ad AFTER DELETE ON transcripts BEGIN
+        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
+        VALUES ('delete', old.rowid, old.text, old.filename);
+    END;
+    """,
 ]
 
 _COLUMNS = "id, created, source, filename, duration, model, language, task, text"
@@ -61,8 +97,18 @@ def segments_from_json(data: str) -> list[Segment]:
     return out
 
 
+# Control characters (NUL ends an FTS5 string early) and lone surrogates (not encodable as
+# UTF-8): never part of a search term, so they separate terms.
+_NOT_SEARCHABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class SearchError(ValueError):
+    """The search text could not be run as a full-text query."""
+
+
 def _fts_query(q: str) -> str:
     """Quote each term so user input can never be FTS5 syntax; prefix-match the last one."""
+    q = _NOT_SEARCHABLE.sub(" ", q)
     terms = [t.replace('"', '""') for t in q.split() if t.strip()]
     if not terms:
         return ""
@@ -124,9 +170,17 @@ class History:
             args: tuple[Any, ...] = (match,)
         else:
             where, args = "", ()
-        async with self.db.conn.execute(f"SELECT count(*) FROM transcripts {where}", args) as cur:  # noqa: S608
-            row = await cur.fetchone()
-            total = int(row[0]) if row else 0
+        try:
+            async with self.db.conn.execute(
+                f"SELECT count(*) FROM transcripts {where}",  # noqa: S608
+                args,
+            ) as cur:
+                row = await cur.fetchone()
+        except (sqlite3.OperationalError, UnicodeError) as exc:
+            if not match:
+                raise
+            raise SearchError(f"cannot search for {q!r}: {exc}") from None
+        total = int(row[0]) if row else 0
         async with self.db.conn.execute(
             f"SELECT {_COLUMNS} FROM transcripts {where} ORDER BY created DESC LIMIT ? OFFSET ?",  # noqa: S608
             (*args, limit, offset),

@@ -4,8 +4,9 @@
   `frame-ancestors 'none'`, and HSTS only when the request came over HTTPS.
 - CORS is off unless the origin is in the allowed origins (runtime setting, env default
   `ALLOWED_ORIGINS`); no credentials are ever allowed cross-origin.
-- With "require an API key" on, `/transcribe`, `/v1/*`, `/api/*` and `/ws/live` need
-  `Authorization: Bearer <key>` or a logged-in admin session; otherwise 401.
+- With "require an API key" on, `/transcribe`, `/v1/*`, `/api/*`, `/ws/live`, `/asr` and
+  `/detect-language` need `Authorization: Bearer <key>` or a logged-in admin session;
+  otherwise 401.
 - Transcription requests (and live sessions) take a token from the bucket of their API key,
   or of their client IP without one: 429 + `Retry-After` when empty.
 """
@@ -32,7 +33,8 @@ from appliance.settings_store import SettingsStore
 
 log = logging.getLogger(__name__)
 
-PROTECTED = ("/transcribe", "/v1/", "/api/", "/ws/live")
+# /asr and /detect-language: the whisper-asr-webservice API (appliance.api.asr_compat)
+PROTECTED = ("/transcribe", "/v1/", "/api/", "/ws/live", "/asr", "/detect-language")
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 CSP = "; ".join(
     (
@@ -113,7 +115,8 @@ def _is_protected(path: str) -> bool:
 def _is_transcription(method: str, path: str) -> bool:
     """Requests that queue work: uploads to transcribe (job polling costs nothing)."""
     return method == "POST" and (
-        path in ("/transcribe", "/api/jobs") or path.startswith("/v1/audio/")
+        path in ("/transcribe", "/api/jobs", "/asr", "/detect-language")
+        or path.startswith("/v1/audio/")
     )
 
 
@@ -203,6 +206,14 @@ def _preflight() -> Response:
     return response
 
 
+BODYLESS_METHODS = ("GET", "HEAD")
+
+
+def _has_body(req: _Request) -> bool:
+    """Whether the request announces a body (chunked, or a non-zero Content-Length)."""
+    return "Transfer-Encoding" in req.headers or (req.content_length or 0) > 0
+
+
 def init_app(app: Quart) -> None:
     settings = app.extensions["settings"]
 
@@ -220,6 +231,12 @@ def init_app(app: Quart) -> None:
 
     @app.before_request
     async def _check_request() -> Response | None:
+        if request.method in BODYLESS_METHODS and _has_body(request):
+            # no handler reads it, and the server would buffer it for as long as the handler
+            # runs (an event stream: indefinitely)
+            return error_response(
+                400, "body_not_allowed", f"{request.method} requests take no body"
+            )
         path = request.path
         if (
             request.method == "OPTIONS"

@@ -15,6 +15,12 @@ from appliance.config import Settings
 
 log = logging.getLogger(__name__)
 
+# Largest WebSocket message Hypercorn buffers before it closes 1009 on its own. It is above
+# the app's own limits (LIVE_MAX_FRAME_BYTES is at most 1 MiB, control messages 4 KiB) so that
+# an over-limit frame reaches /ws/live, which answers `frame_too_large` before closing; it
+# still bounds what one connection can make the server hold.
+WEBSOCKET_MAX_MESSAGE = 4 * 1024 * 1024
+
 
 def listener_config(settings: Settings, port: int) -> Config:
     """What every listener shares: the bind address, HTTP/1.1 only, our own logging."""
@@ -26,12 +32,12 @@ def listener_config(settings: Settings, port: int) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 10
+    config.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE
     return config
 
 
 def hypercorn_config(settings: Settings) -> Config:
     config = listener_config(settings, settings.https_port)
-    config.websocket_max_message_size = 1024 * 1024
     if settings.https_enabled:
         configure_tls(config, settings)
     return config

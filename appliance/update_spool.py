@@ -40,6 +40,7 @@ MAX_REQUEST_BYTES = 8 * 1024
 MAX_STATUS_BYTES = 64 * 1024
 MAX_URL = 2048
 MAX_MESSAGE = 2000
+MAX_JSON_DEPTH = 16  # a request is flat; status.json one level deeper
 
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 _UPLOAD = re.compile(r"^upload-[0-9a-f]{16,64}\.release\.tar$")
@@ -122,12 +123,7 @@ def make_request(
 
 def parse_request(raw: bytes) -> UpdateRequest:
     """Validate a request file's bytes (the root side: every field is untrusted)."""
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise RequestError(f"the request is larger than {MAX_REQUEST_BYTES} bytes")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise RequestError("the request is not valid JSON") from None
+    data = load_json(raw, MAX_REQUEST_BYTES, what="the request")
     if not isinstance(data, dict):
         raise RequestError("the request is not a JSON object")
     unknown = set(data) - {"id", "action", "source", "to_version", "requested_at"}
@@ -144,6 +140,46 @@ def parse_request(raw: bytes) -> UpdateRequest:
         float(requested_at),
     )
     return _validate(req)
+
+
+def load_json(raw: bytes, limit: int, *, what: str = "the JSON") -> Any:
+    """Parse untrusted JSON bytes, bounded: RequestError (a ValueError) when they are larger than
+    `limit` bytes, nested deeper than MAX_JSON_DEPTH, not UTF-8 or not JSON. Never a
+    RecursionError: the depth is counted before the parser sees the text."""
+    if len(raw) > limit:
+        raise RequestError(f"{what} is larger than {limit} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{what} is not valid JSON (not UTF-8)") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestError(f"{what} is not valid JSON") from None
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in `text` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _validate(req: UpdateRequest) -> UpdateRequest:
@@ -228,7 +264,7 @@ def read_pending(spool: Path) -> dict[str, Any] | None:
 
 def read_status(spool: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(_read_small(spool / STATUS, MAX_STATUS_BYTES))
+        data = load_json(_read_small(spool / STATUS, MAX_STATUS_BYTES), MAX_STATUS_BYTES)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

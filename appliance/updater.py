@@ -9,6 +9,7 @@ the same as the Ansible role's):
     releases/<version>/manifest.json(.sig)   what was installed, for audit
     current -> releases/<version>   the active release (the unit runs current/venv/bin/...)
     backups/appliance-<version>-<time>.db   SQLite backups taken when leaving <version>
+    update-journal.json   every switch (from, to, the backup taken): what a rollback goes to
     staging/   verified downloads and unpacked wheelhouses (removed afterwards)
 
 `apply`: verify (signature, checksum, versions, Python) -> install the new release beside the
@@ -17,12 +18,16 @@ atomically -> restart -> wait for /health to report the new version -> a test tr
 Any failure after the switch rolls back: previous `current`, database restored from the backup,
 restart, health checked again. Update history lives in the database (component "updates"); it
 is carried across a restore so a rollback never loses it.
+
+Everything the service user can write is hostile here: the database (its history is written for
+the admin panel and never read back as a path), the spool and DATA_DIR itself. The rollback
+target and the backup to restore come only from the root-owned journal and release and backup
+directories, each name checked; nothing in DATA_DIR is opened through a link or chowned by path.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fcntl
 import hashlib
 import io
@@ -33,6 +38,7 @@ import re
 import shlex
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -42,12 +48,11 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from appliance import update_spool
-from appliance.db import Database
 from appliance.release import (
     BUNDLE_SUFFIX,
     DEFAULT_KEY_DIR,
@@ -96,6 +101,16 @@ HISTORY_COLUMNS = (
     "request_id",
 )
 DB_NAME = "appliance.db"
+# the database and the files SQLite keeps beside it (all in DATA_DIR: the service user's)
+DB_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+JOURNAL = "update-journal.json"  # under the install root: root's own record of every switch
+JOURNAL_MAX_BYTES = 1024 * 1024
+JOURNAL_ENTRIES = 200
+# a release directory's name (what `release._check_version` accepts, and nothing else)
+_RELEASE_NAME = re.compile(r"^[0-9][0-9A-Za-z.+-]{0,60}$")
+# a database backup's name, as _backup_db makes them
+_BACKUP_NAME = re.compile(r"^appliance-[0-9A-Za-z.+-]{1,100}\.db$")
+_BACKUP_STAMP = r"-(\d{8}T\d{6}Z)(?:-(\d+))?\.db"
 EXIT_OK, EXIT_FAILED, EXIT_ROLLBACK_FAILED = 0, 1, 3
 
 
@@ -105,6 +120,15 @@ class UpdateRefused(Exception):
 
 class UpdateFailed(Exception):
     """A step after the switch failed (the caller rolls back)."""
+
+
+class UnsafeDataFile(OSError):
+    """A file of the service user's that root must not open: a link, a hard link, not a file."""
+
+
+def release_name_ok(name: object) -> bool:
+    """A version-shaped directory name: no '/', no '..', nothing a path could be made of."""
+    return isinstance(name, str) and bool(_RELEASE_NAME.match(name)) and ".." not in name
 
 
 def _default_python() -> str:
@@ -239,12 +263,104 @@ class Updater:
         return release.name if release is not None else None
 
     def installed(self) -> list[str]:
+        """Release directories: version-named, real directories (links do not count)."""
         if not self.releases.is_dir():
             return []
         names = [
-            p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith(".")
+            p.name
+            for p in self.releases.iterdir()
+            if release_name_ok(p.name) and _lstat_is(p, stat.S_ISDIR)
         ]
         return sorted(names, key=_safe_key)
+
+    def release_dir(self, version: object) -> Path | None:
+        """The directory of an installed release, where `version` names one: a version-shaped
+        name, a real directory (no link) directly in the releases directory, owned by us
+        (root). None for anything else: never a path built from what someone else wrote."""
+        if not release_name_ok(version):
+            return None
+        assert isinstance(version, str)
+        me = os.geteuid()
+        try:
+            top, st = os.lstat(self.releases), os.lstat(self.releases / version)
+        except OSError:
+            return None
+        for s in (top, st):
+            if not stat.S_ISDIR(s.st_mode) or s.st_uid != me:
+                return None
+        return self.releases / version
+
+    def backup_file(self, name: object) -> Path | None:
+        """A database backup taken by this updater, by file name: a regular file (no link,
+        one name) directly in the backups directory, owned by us. None for anything else."""
+        if not isinstance(name, str) or not _BACKUP_NAME.match(name) or ".." in name:
+            return None
+        me = os.geteuid()
+        try:
+            top, st = os.lstat(self.backups), os.lstat(self.backups / name)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(top.st_mode) or top.st_uid != me:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != me:
+            return None
+        return self.backups / name
+
+    # --- the journal: root's own record of every switch -------------------------------------
+    def journal(self) -> list[dict[str, Any]]:
+        """The switches (`from_version`, `to_version`, `db_backup` file name, `action`, `at`),
+        oldest first. Only a regular file owned by us is read; anything else counts as empty."""
+        try:
+            fd = os.open(self.root / JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return []
+            raw = f.read(JOURNAL_MAX_BYTES + 1)
+        try:
+            data = update_spool.load_json(raw, JOURNAL_MAX_BYTES, what="the journal")
+        except ValueError:
+            return []
+        entries = data.get("switches") if isinstance(data, dict) else None
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+    def _journal_add(
+        self, action: str, from_version: str, to_version: str, backup: Path | None
+    ) -> None:
+        """Record a switch; like the history, the journal never fails an update that worked."""
+        try:
+            self._write_journal(action, from_version, to_version, backup)
+        except OSError as exc:
+            print(f"updater: cannot write the journal: {exc}", file=sys.stderr)
+
+    def _write_journal(
+        self, action: str, from_version: str, to_version: str, backup: Path | None
+    ) -> None:
+        entries = self.journal()
+        entries.append(
+            {
+                "at": time.time(),
+                "action": action,
+                "from_version": from_version,
+                "to_version": to_version,
+                "db_backup": backup.name if backup is not None else None,
+            }
+        )
+        body = json.dumps({"switches": entries[-JOURNAL_ENTRIES:]}, indent=1).encode()
+        tmp = self.root / f".{JOURNAL}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(self.root / JOURNAL)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def status(self, limit: int = 20) -> dict[str, Any]:
         target = self._rollback_target()
@@ -265,38 +381,141 @@ class Updater:
                 raise UpdateRefused("another update or rollback is running") from None
             yield
 
+    # --- the service user's files in DATA_DIR ------------------------------------------------
+    def _check_db_files(self) -> bool:
+        """Whether the database exists; raises UnsafeDataFile unless it and the files SQLite
+        keeps beside it are absent or plain files (no symlink, no hard link, no FIFO): the
+        service user owns DATA_DIR and must not steer what root opens or writes."""
+        exists = False
+        for suffix in DB_SIDE_FILES:
+            path = self.db_path.with_name(DB_NAME + suffix)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise UnsafeDataFile(
+                    f"{path} is not a plain file (a link?): the updater will not open it"
+                )
+            exists = exists or suffix == ""
+        return exists
+
+    def _connect(self) -> sqlite3.Connection:
+        self._check_db_files()
+        return sqlite3.connect(self.db_path, timeout=10)
+
+    @contextmanager
+    def _as_data_owner(self) -> Iterator[None]:
+        """Work on the service user's files with the service user's rights (effective uid and
+        gid, no supplementary groups): a link swapped in after `_check_db_files` then reaches
+        only what the service user could reach anyway. Nested use is a no-op. Without
+        CAP_SETUID/CAP_SETGID (an older unit), or when DATA_DIR is root's, root carries on
+        with the checks alone."""
+        owner = self._data_owner()
+        if owner is None or os.geteuid() != 0:
+            yield
+            return
+        groups, egid = os.getgroups(), os.getegid()
+        dropped = False
+        try:
+            os.setgroups([])
+            os.setegid(owner[1])
+            os.seteuid(owner[0])
+            dropped = True
+        except PermissionError as exc:
+            _restore_ids(egid, groups)
+            print(f"updater: working on DATA_DIR as root: {exc}", file=sys.stderr)
+        try:
+            yield
+        finally:
+            if dropped:
+                os.seteuid(0)
+                _restore_ids(egid, groups)
+
+    def _data_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) of DATA_DIR when someone other than root owns it."""
+        try:
+            st = os.lstat(self.cfg.data_dir)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid == 0:
+            return None
+        return st.st_uid, st.st_gid
+
     # --- history (database component "updates") ---------------------------------------------
     def _ensure_schema(self) -> None:
-        async def migrate() -> None:
-            db = await Database.open(self.db_path)
-            try:
-                await db.migrate(COMPONENT, MIGRATIONS)
-            finally:
-                await db.close()
-
-        asyncio.run(migrate())
-        self._fix_owner()
+        """The component's migrations, as appliance.db.Database.migrate applies them."""
+        try:
+            with self._as_data_owner(), closing(self._connect()) as conn:
+                conn.isolation_level = None
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version ("
+                    " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+                )
+                row = conn.execute(
+                    "SELECT version FROM schema_version WHERE component = ?", (COMPONENT,)
+                ).fetchone()
+                current = int(row[0]) if row else 0
+                if current > len(MIGRATIONS):
+                    raise RuntimeError(
+                        f"database schema of {COMPONENT!r} is version {current}, newer than this "
+                        f"updater knows ({len(MIGRATIONS)})"
+                    )
+                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                    conn.executescript(
+                        f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
+                        "INSERT INTO schema_version(component, version)"
+                        f" VALUES ('{COMPONENT}', {version})"
+                        " ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;"
+                    )
+        finally:
+            self._fix_owner()
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         self._ensure_schema()
-        conn = sqlite3.connect(self.db_path, timeout=10)
         try:
-            with conn:
+            with self._as_data_owner(), closing(self._connect()) as conn, conn:
                 yield conn
         finally:
-            conn.close()
             self._fix_owner()
 
     def _fix_owner(self) -> None:
-        """Files root creates in the data dir must stay the service user's (it owns the dir)."""
-        if os.geteuid() != 0 or not self.cfg.data_dir.is_dir():
+        """Files root creates in the data dir must stay the service user's (it owns the dir).
+
+        Through descriptors only: each file is opened in the directory without following a
+        link (O_NOFOLLOW, dir_fd), checked (a regular file with one name) and changed with
+        fchown: a link planted under one of these names is never followed."""
+        if os.geteuid() != 0:
             return
-        st = self.cfg.data_dir.stat()
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            path = self.db_path.with_name(DB_NAME + suffix)
-            if path.exists():
-                os.chown(path, st.st_uid, st.st_gid)
+        try:
+            dir_fd = os.open(self.cfg.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            owner = os.fstat(dir_fd)
+            for suffix in DB_SIDE_FILES:
+                try:
+                    fd = os.open(
+                        DB_NAME + suffix,
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                        dir_fd=dir_fd,
+                    )
+                except OSError:  # absent, or a link (ELOOP): left alone
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    if (
+                        stat.S_ISREG(st.st_mode)
+                        and st.st_nlink == 1
+                        and (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid)
+                    ):
+                        os.fchown(fd, owner.st_uid, owner.st_gid)
+                        os.fchmod(fd, 0o600)  # as the service keeps them
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dir_fd)
 
     def _record(self, row_id: int | None, **values: Any) -> int | None:
         """Insert (row_id None) or update a history row; history never blocks an update."""
@@ -360,15 +579,20 @@ class Updater:
             return 0  # a running update holds the lock: its row is not a leftover
 
     def history(self, limit: int = 100) -> list[dict[str, Any]]:
-        if not self.db_path.exists():
-            return []
+        """The history rows, newest first: for people to read. The service user can write
+        them, so nothing here is ever used as a path or a rollback target."""
         try:
-            with closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+            if not self._check_db_files():
+                return []
+            with self._as_data_owner(), closing(self._connect()) as conn:
                 conn.row_factory = sqlite3.Row
                 rows = conn.execute(
                     "SELECT * FROM update_history ORDER BY id DESC LIMIT ?", (limit,)
                 ).fetchall()
         except sqlite3.OperationalError:  # no table yet
+            return []
+        except UnsafeDataFile as exc:
+            print(f"updater: not reading the update history: {exc}", file=sys.stderr)
             return []
         finally:
             self._fix_owner()
@@ -376,7 +600,7 @@ class Updater:
 
     # --- database backup and restore --------------------------------------------------------
     def _backup_db(self, label: str) -> Path | None:
-        if not self.db_path.exists():
+        if not self._check_db_files():
             return None
         self.backups.mkdir(parents=True, exist_ok=True)
         self.backups.chmod(0o700)
@@ -386,23 +610,29 @@ class Updater:
         while dest.exists():
             n += 1
             dest = self.backups / f"appliance-{label}-{stamp}-{n}.db"
-        with (
-            closing(sqlite3.connect(self.db_path, timeout=30)) as src,
-            closing(sqlite3.connect(dest)) as dst,
-        ):
-            src.backup(dst)
+        with closing(sqlite3.connect(dest)) as dst:
+            # root's file, opened now; no journal beside it, so the copy below (made with the
+            # service user's rights) writes only through this open file
+            dst.execute("PRAGMA journal_mode=MEMORY")
+            with self._as_data_owner(), closing(self._connect()) as src:
+                src.backup(dst)
         dest.chmod(0o600)
         self._fix_owner()
         return dest
 
     def _restore_db(self, backup: Path) -> None:
-        """Put the backup's content back into the live file, keeping the update history."""
+        """Put the backup's content back into the live file, keeping the update history.
+        `backup` is one of ours (`backup_file`), never a path read from the database."""
+        if self.backup_file(backup.name) != backup:
+            raise UnsafeDataFile(f"{backup} is not a database backup of this updater")
         rows = self.history(limit=1_000_000)
-        with (
-            closing(sqlite3.connect(backup)) as src,
-            closing(sqlite3.connect(self.db_path, timeout=30)) as dst,
-        ):
-            src.backup(dst)
+        # root's backup, opened (and read once) as root; read-only and immutable: nothing is
+        # opened beside it while the live file is written with the service user's rights
+        uri = f"file:{quote(str(backup))}?mode=ro&immutable=1"
+        with closing(sqlite3.connect(uri, uri=True)) as src:
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            with self._as_data_owner(), closing(self._connect()) as dst:
+                src.backup(dst)
         with self._db() as conn:
             conn.execute("DELETE FROM update_history")
             marks = ", ".join("?" for _ in HISTORY_COLUMNS)
@@ -581,29 +811,42 @@ class Updater:
         return target
 
     def _rollback_target(self) -> tuple[str, Path | None] | None:
-        """(version, database backup) that a manual rollback goes to."""
+        """(version, database backup) that a manual rollback goes to.
+
+        From root's own state only: the latest switch to the current release in the journal
+        (its `from_version` an installed release, its backup one of ours); without one, the
+        newest other installed release and the newest backup taken when it was left. Never
+        from the database's history: the service user can write that."""
         current = self.current_version()
         if current is None:
             return None
-        for row in self.history(limit=1000):
-            if (
-                row["status"] == "succeeded"
-                and row["to_version"] == current
-                and row["from_version"]
-                and (self.releases / row["from_version"]).is_dir()
-            ):
-                backup = Path(row["db_backup"]) if row["db_backup"] else None
-                return row["from_version"], backup if backup and backup.exists() else None
-        others = (
-            [p for p in self.releases.iterdir() if p.is_dir() and p.name != current]
-            if (self.releases.is_dir())
-            else []
-        )
-        others = [p for p in others if not p.name.startswith(".")]
+        for entry in reversed(self.journal()):
+            if entry.get("to_version") != current or entry.get("from_version") == current:
+                continue
+            if self.release_dir(entry.get("from_version")) is not None:
+                return str(entry["from_version"]), self.backup_file(entry.get("db_backup"))
+        others = [
+            path
+            for name in self.installed()
+            if name != current and (path := self.release_dir(name)) is not None
+        ]
         if not others:
             return None
-        newest = max(others, key=lambda p: p.stat().st_mtime)
-        return newest.name, None
+        newest = max(others, key=lambda p: p.lstat().st_mtime)
+        return newest.name, self._last_backup_of(newest.name)
+
+    def _last_backup_of(self, version: str) -> Path | None:
+        """The newest backup taken when `version` was left (appliance-<version>-<time>.db)."""
+        if not self.backups.is_dir():
+            return None
+        pattern = re.compile(re.escape(f"appliance-{version}") + _BACKUP_STAMP)
+        found = [m for p in self.backups.iterdir() if (m := pattern.fullmatch(p.name))]
+        found.sort(key=lambda m: (m[1], int(m[2] or 1)))
+        for match in reversed(found):
+            backup = self.backup_file(match[0])
+            if backup is not None:
+                return backup
+        return None
 
     def _prune(self, protect: set[str]) -> None:
         releases = [p for p in self.releases.iterdir() if p.is_dir() and p.name not in protect]
@@ -678,6 +921,7 @@ class Updater:
                         f"the release is built for Python {manifest.python}, "
                         f"{self.cfg.python} is {python}"
                     )
+                self._check_db_files()
                 new = self._install(rel, stage)
             except (ReleaseError, UpdateRefused, httpx.HTTPError, OSError) as exc:
                 return refuse(str(exc) or exc.__class__.__name__)
@@ -694,6 +938,8 @@ class Updater:
             message = self.check_service(to_version)
         except (UpdateFailed, OSError, sqlite3.Error) as exc:
             return self._roll_back_after(row, previous, new, backup, to_version, str(exc))
+        if from_version is not None:
+            self._journal_add("apply", from_version, to_version, backup)
         self._record(row, status="succeeded", finished=time.time(), message=message)
         self._prune({to_version} | ({from_version} if from_version else set()))
         return Outcome("succeeded", from_version, to_version, message)
@@ -768,11 +1014,17 @@ class Updater:
             to_version, backup = target
         elif target is not None and target[0] == to_version:
             backup = target[1]
-        release = self.releases / to_version
-        if to_version == current.name or not release.is_dir():
-            raise UpdateRefused(f"{to_version} is not an installed release other than the current")
+        release = self.release_dir(to_version)
+        if to_version == current.name or release is None:
+            raise UpdateRefused(
+                f"{str(to_version)[:80]!r} is not an installed release other than the current"
+            )
         if keep_db:
             backup = None
+        try:
+            self._check_db_files()
+        except UnsafeDataFile as exc:
+            raise UpdateRefused(str(exc)) from None
         saved: Path | None = None
         row = self._record(
             None,
@@ -805,6 +1057,7 @@ class Updater:
             return Outcome("failed", current.name, to_version, msg, EXIT_FAILED)
         restored = f"database restored from {backup.name}" if backup else "database kept"
         message = f"{message}; {restored}"
+        self._journal_add("rollback", current.name, to_version, saved)
         self._record(row, status="succeeded", finished=time.time(), message=message)
         return Outcome("succeeded", current.name, to_version, message)
 
@@ -819,11 +1072,25 @@ def _consume(source: Path) -> None:
 
 
 def _json_field(response: httpx.Response, name: str) -> Any:
-    try:
-        body = response.json()
+    try:  # the service's answer: bounded like any JSON the service user can shape
+        body = update_spool.load_json(response.content, 1024 * 1024, what="the answer")
     except ValueError:
         return None
     return body.get(name) if isinstance(body, dict) else None
+
+
+def _restore_ids(egid: int, groups: list[int]) -> None:
+    with suppress(PermissionError):
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def _lstat_is(path: Path, kind: Any) -> bool:
+    """Whether `path` itself (not what a link points to) is of `kind` (stat.S_ISDIR, ...)."""
+    try:
+        return bool(kind(path.lstat().st_mode))
+    except OSError:
+        return False
 
 
 def _safe_key(name: str) -> tuple[Any, ...]:
@@ -876,7 +1143,7 @@ def _status(req_id: str | None, state: str, message: str, **extra: Any) -> dict[
 def _loose_fields(raw: bytes) -> tuple[str | None, str | None]:
     """The id and upload name of a refused request, where they look sane (to clean up)."""
     try:
-        data = json.loads(raw)
+        data = update_spool.load_json(raw, update_spool.MAX_REQUEST_BYTES)
     except ValueError:
         return None, None
     if not isinstance(data, dict):
@@ -911,7 +1178,7 @@ def _handle_request(upd: Updater, spool: update_spool.Spool, name: str) -> int:
     try:
         raw = spool.read_request(name)
         req = update_spool.parse_request(raw)
-    except update_spool.RequestError as exc:
+    except (update_spool.RequestError, RecursionError, MemoryError) as exc:
         req_id, upload = _loose_fields(raw)
         message = f"refused request: {exc}"
         upd.record_refused("request", message, request_id=req_id)

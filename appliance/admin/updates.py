@@ -8,13 +8,14 @@ Manifest: `{"version": "0.2.0", "notes": "...", "url": "..."}` or
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from appliance.jsonbody import parse_json
 
 MAX_MANIFEST = 1024 * 1024
 _VERSION = re.compile(r"^v?(\d+(?:\.\d+){0,3})([.+-]?[0-9A-Za-z.+-]*)$")
@@ -97,7 +98,7 @@ async def check(source: str, current: str) -> dict[str, Any]:
         result["error"] = "no update source configured (UPDATE_SOURCE)"
         return result
     try:
-        release = latest_release(json.loads(await _fetch(source)))
+        release = latest_release(parse_json(await _fetch(source), max_bytes=MAX_MANIFEST))
         result["latest_version"] = release["version"]
         notes, url = release.get("notes"), release.get("url")
         result["notes"] = notes[:4000] if isinstance(notes, str) else None

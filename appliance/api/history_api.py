@@ -8,6 +8,7 @@ from quart_schema import document_querystring, document_response, tag
 
 from appliance import formats
 from appliance.errors import APIError
+from appliance.history import SearchError
 from appliance.services import services
 
 blueprint = Blueprint("history", __name__, url_prefix="/api/history")
@@ -48,7 +49,10 @@ async def list_history() -> Response:
     limit = _int_arg("limit", 20, 1, 200)
     offset = _int_arg("offset", 0, 0, 10_000_000)
     q = request.args.get("q", "")[:200]
-    items, total = await services().history.list(q, limit, offset)
+    try:
+        items, total = await services().history.list(q, limit, offset)
+    except SearchError as exc:
+        raise APIError(400, "invalid_query", str(exc)) from None
     return jsonify({"items": items, "total": total, "limit": limit, "offset": offset})
 
 

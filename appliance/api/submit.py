@@ -9,7 +9,7 @@ from quart import request
 from appliance import audio
 from appliance.engines.base import TranscribeOptions
 from appliance.errors import APIError
-from appliance.jobs import Job, QueueFullError
+from appliance.jobs import Job, JobStoreError, QueueFullError
 from appliance.models import ModelError
 from appliance.services import services
 from appliance.upload import Upload, receive_upload
@@ -44,13 +44,18 @@ def resolve_model(name: str | None) -> str:
 
 
 async def submit(upload: Upload, *, model: str, options: TranscribeOptions, source: str) -> Job:
-    """Probe the file (415 if not audio) and queue it (429 if the queue is full).
+    """Probe the file (415 if not audio, 413 if too long) and queue it (429 if the queue is full).
 
     The upload's temp file belongs to the job from here on; on any refusal it is deleted.
     """
     assert upload.file_path is not None
     try:
-        info = await asyncio.to_thread(audio.probe, upload.file_path)
+        info = await asyncio.to_thread(
+            audio.probe, upload.file_path, services().settings.max_audio_duration
+        )
+    except audio.AudioTooLongError as exc:
+        upload.discard()
+        raise APIError(exc.status, exc.code, f"{upload.file_name or 'the file'}: {exc}") from None
     except audio.NotAudioError as exc:
         upload.discard()
         raise APIError(
@@ -67,11 +72,13 @@ async def submit(upload: Upload, *, model: str, options: TranscribeOptions, sour
         filename=upload.file_name,
     )
     try:
-        return services().jobs.submit(job)
+        return await services().jobs.submit(job)
     except QueueFullError as exc:
         raise APIError(
             429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}
         ) from None
+    except JobStoreError as exc:  # the database or the disk refused it: not accepted
+        raise APIError(503, "job_not_stored", str(exc), headers={"Retry-After": "10"}) from None
 
 
 def raise_for_job(job: Job) -> None:
@@ -80,7 +87,12 @@ def raise_for_job(job: Job) -> None:
         raise APIError(409, "cancelled", "the transcription was cancelled")
     if job.error:
         code = job.error["code"]
-        status = {"insufficient_memory": 507, "model_not_available": 409}.get(code, 422)
+        status = {
+            "insufficient_memory": 507,
+            "model_not_available": 409,
+            "audio_too_long": 413,
+            "shutdown": 503,
+        }.get(code, 422)
         if code in ("unsupported_audio",):
             status = 415
         raise APIError(status, code, job.error["message"])

@@ -84,7 +84,10 @@ async def _form_job(source: str) -> tuple[Job, str]:
 
 def transcript_response(job: Job, fmt: str) -> Response:
     raise_for_job(job)
-    assert job.result is not None
+    if job.result is None:  # a job from before a restart whose history entry was deleted
+        raise APIError(
+            404, "result_not_found", "the transcript of this job was deleted from the history"
+        )
     if fmt != "json":
         body = formats.render(job.result, fmt)
         return Response(body, content_type=formats.EXPORT_FORMATS[fmt])
@@ -131,10 +134,15 @@ async def create_job() -> Response:
     return response
 
 
-def _job(job_id: str) -> Job:
-    job = services().jobs.get(job_id)
+async def _job(job_id: str) -> Job:
+    job = await services().jobs.get(job_id)
     if job is None:
-        raise APIError(404, "job_not_found", f"no job {job_id!r} (finished jobs are kept a while)")
+        hours = services().settings.job_retention_hours
+        raise APIError(
+            404,
+            "job_not_found",
+            f"no job {job_id!r} (finished jobs are kept {hours} h, JOB_RETENTION_HOURS)",
+        )
     return job
 
 
@@ -143,7 +151,7 @@ def _job(job_id: str) -> Job:
 @document_response(JobView)
 async def get_job(job_id: str) -> Response:
     """State, percent, queue position and ETA of a job."""
-    return jsonify(services().jobs.snapshot(_job(job_id)))
+    return jsonify(services().jobs.snapshot(await _job(job_id)))
 
 
 @blueprint.get("/api/jobs/<job_id>/result")
@@ -151,7 +159,7 @@ async def get_job(job_id: str) -> Response:
 @document_response(TranscriptView)
 async def job_result(job_id: str) -> Response:
     """The transcript of a finished job (`?format=json|txt|srt|vtt|tsv`)."""
-    job = _job(job_id)
+    job = await _job(job_id)
     if not job.state.finished:
         raise APIError(409, "not_finished", f"the job is {job.state.value}")
     fmt = request.args.get("format", "json")
@@ -165,7 +173,7 @@ async def job_result(job_id: str) -> Response:
 @document_response(JobView)
 async def cancel_job(job_id: str) -> Response:
     """Cancel a queued or running job (a running one stops at the next segment)."""
-    job = services().jobs.cancel(job_id)
+    job = await services().jobs.cancel(job_id)
     if job is None:
         raise APIError(404, "job_not_found", f"no job {job_id!r}")
     return jsonify(services().jobs.snapshot(job))
@@ -175,7 +183,7 @@ async def cancel_job(job_id: str) -> Response:
 @tag(["jobs"])
 async def job_events(job_id: str) -> Response:
     """Server-sent events: one `progress` event per change, then `done`."""
-    job = _job(job_id)
+    job = await _job(job_id)
     queue = services().jobs
 
     async def stream() -> AsyncIterator[bytes]:

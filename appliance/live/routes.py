@@ -5,6 +5,10 @@ done by `LiveSession`. One task receives, one sends (an outbox queue), one trans
 client that goes away cancels the handler, and every `finally` below gives back what the
 session held (its slot, the model, the worker thread) and saves what was transcribed.
 
+Limits that free a slot: `LIVE_MAX_MINUTES` of wall-clock time from accept (whatever the
+client sends or doesn't), and `LIVE_IDLE_TIMEOUT` without audio (pings and other control
+messages do not count as activity).
+
 Close codes: 1000 after `stop` (or the session length limit), 1001 idle timeout, 1003 an
 unexpected message (audio before `start`, a second `start`, an unknown type), 1007 malformed
 JSON or audio, 1008 origin refused / rate exceeded / invalid `start`, 1009 frame too large,
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from appliance.api.options import parse_language, parse_task
 from appliance.api.submit import resolve_model
 from appliance.engines.base import SAMPLE_RATE
 from appliance.errors import APIError
+from appliance.jsonbody import parse_json
 from appliance.live.decoder import Decoder
 from appliance.live.session import BacklogError, LiveConfig, LiveSession, LiveTranscriber
 from appliance.models import ModelError
@@ -63,6 +69,20 @@ class Refusal(Exception):
         self.code = code
         self.message = message
         self.reason = reason
+
+
+class SessionLimit(Refusal):
+    """`LIVE_MAX_MINUTES` reached: during a session it ends like `stop` (the error, the last
+    finals, `end`, close 1000); before `ready` it is a plain refusal with the same code."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__(
+            1000,
+            "session_limit",
+            f"live sessions last at most {minutes:g} minutes (wall-clock time from "
+            "connecting, and as much audio); this one has reached it",
+            "maximum session length reached",
+        )
 
 
 def same_origin(origin: str, host: str) -> bool:
@@ -104,6 +124,7 @@ class TokenBucket:
 
 def _limits(s: Services) -> dict[str, Any]:
     settings = s.settings
+    minutes = float(s.extras.get("live_max_minutes", settings.live_max_minutes))
     return {
         "max_frame_bytes": settings.live_max_frame_bytes,
         "max_bytes_per_second": settings.live_max_bytes_per_second,
@@ -111,7 +132,7 @@ def _limits(s: Services) -> dict[str, Any]:
         "max_utterance_seconds": settings.live_max_utterance_seconds,
         "silence_ms": settings.live_silence_ms,
         "max_sessions": int(s.extras.get("live_max_sessions", settings.live_max_sessions)),
-        "max_session_minutes": int(s.extras.get("live_max_minutes", settings.live_max_minutes)),
+        "max_session_minutes": int(minutes) if minutes.is_integer() else minutes,
     }
 
 
@@ -150,6 +171,9 @@ class LiveConnection:
         self.limits = _limits(s)
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.session_id = uuid.uuid4().hex
+        self.accepted_at = time.monotonic()  # wall-clock limit: set again at accept
+        self.active_at = self.accepted_at  # idle limit: accept, `ready`, then each audio frame
+        self.ready = False
 
     def send(self, message: dict[str, Any]) -> None:
         self.outbox.put_nowait(message)
@@ -160,6 +184,7 @@ class LiveConnection:
 
     async def serve(self) -> None:
         await websocket.accept()
+        self.accepted_at = self.active_at = time.monotonic()
         sender = asyncio.create_task(self._sender())
         code, reason = 1011, "internal error"
         try:
@@ -210,17 +235,35 @@ class LiveConnection:
             self.registry.active -= 1
             self.registry.sessions.pop(self.session_id, None)
 
-    async def _receive(self) -> str | bytes:
+    def _idle(self) -> Refusal:
         timeout = self.limits["idle_timeout_seconds"]
+        what = "no audio (pings do not count)" if self.ready else "no start message"
+        return Refusal(
+            1001,
+            "idle_timeout",
+            f"{what} for {timeout} s; the live session was closed",
+            "idle timeout",
+        )
+
+    async def _receive(self) -> str | bytes:
+        """The next frame, waiting at most until the idle or the session length limit.
+
+        Only audio (and `ready`) moves the idle limit (`active_at`), so a client that sends
+        nothing but pings is closed like one that sends nothing; the session length limit
+        counts wall-clock time from accept, whatever arrives.
+        """
+        now = time.monotonic()
+        idle_left = self.active_at + self.limits["idle_timeout_seconds"] - now
+        minutes = self.limits["max_session_minutes"]
+        limit_left = self.accepted_at + minutes * 60 - now if minutes else math.inf
+        if limit_left <= 0:
+            raise SessionLimit(minutes)
+        if idle_left <= 0:
+            raise self._idle()
         try:
-            return await asyncio.wait_for(websocket.receive(), timeout)
+            return await asyncio.wait_for(websocket.receive(), min(idle_left, limit_left))
         except TimeoutError:
-            raise Refusal(
-                1001,
-                "idle_timeout",
-                f"nothing received for {timeout} s; the live session was closed",
-                "idle timeout",
-            ) from None
+            raise (SessionLimit(minutes) if limit_left <= idle_left else self._idle()) from None
 
     @staticmethod
     def _parse(text: str) -> dict[str, Any]:
@@ -229,8 +272,8 @@ class LiveConnection:
                 1009, "frame_too_large", "control messages are small JSON objects", "too large"
             )
         try:
-            message = json.loads(text)
-        except ValueError:
+            message = parse_json(text, max_bytes=MAX_TEXT_FRAME)
+        except ValueError:  # JSONInputError: malformed, or nested too deeply
             message = None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise Refusal(
@@ -314,6 +357,8 @@ class LiveConnection:
                 "limits": self.limits,
             }
         )
+        self.ready = True
+        self.active_at = time.monotonic()  # loading the model is not the client's idle time
         runner = asyncio.create_task(session.run())
         code, reason = 1000, "session ended"
         try:
@@ -347,13 +392,24 @@ class LiveConnection:
         )
         return code, reason
 
+    def _limit_reached(self, limit: SessionLimit) -> str:
+        """The session length limit ends a session like `stop`, with an error first."""
+        self.send({"type": "error", "code": limit.code, "message": limit.message})
+        return limit.reason
+
     async def _pump(self, session: LiveSession, runner: asyncio.Task[None]) -> str:
-        """Receive until `stop`; audio goes to the session as it comes."""
+        """Receive until `stop` or the session length limit; audio goes to the session as it
+        comes. The limit is wall-clock time, and also caps the audio received (which the
+        rate limit lets come faster than real time)."""
         bucket = TokenBucket(self.limits["max_bytes_per_second"])
         max_frame = self.limits["max_frame_bytes"]
-        max_samples = self.limits["max_session_minutes"] * 60 * SAMPLE_RATE
+        minutes = self.limits["max_session_minutes"]
+        max_samples = minutes * 60 * SAMPLE_RATE
         while True:
-            frame = await self._receive()
+            try:
+                frame = await self._receive()
+            except SessionLimit as limit:
+                return self._limit_reached(limit)
             if runner.done():
                 runner.result()  # an error while transcribing surfaces here
                 raise RuntimeError("the live transcriber stopped")
@@ -391,16 +447,10 @@ class LiveConnection:
                 raise Refusal(1007, "invalid_audio", str(exc), "invalid audio") from None
             except BacklogError as exc:
                 raise Refusal(1013, "overloaded", str(exc), "engine overloaded") from None
+            if frame:  # only audio is activity: an empty frame does not hold the slot
+                self.active_at = time.monotonic()
             if max_samples and session.received_bytes // 2 >= max_samples:
-                self.send(
-                    {
-                        "type": "error",
-                        "code": "session_limit",
-                        "message": f"live sessions last at most "
-                        f"{self.limits['max_session_minutes']} minutes",
-                    }
-                )
-                return "maximum session length reached"
+                return self._limit_reached(SessionLimit(minutes))
 
     async def _save(self, core: LiveTranscriber, model_name: str, task: str) -> str | None:
         if not core.finals:
