@@ -37,8 +37,13 @@ test: ## Install what is missing, then lint + every test suite
 	$(MAKE) --no-print-directory test-extra
 
 .PHONY: bench
-bench: setup ## Side-by-side benchmark: engines, service overhead, live latency -> bench/results.md
+bench: setup ## Side-by-side benchmark: engines, service overhead, live latency, soak -> bench/results.md
 	$(PY) -m bench.run
+	$(PY) -m bench.soak
+
+.PHONY: soak
+soak: setup ## Soak only: mixed uploads, live, history, admin for SOAK_MINUTES (5) -> bench/results.md
+	$(PY) -m bench.soak --check
 
 .PHONY: lock
 lock: ## Re-pin requirements.lock from a fresh resolve of pyproject.toml (maintainers only)

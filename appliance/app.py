@@ -60,6 +60,7 @@ async def _start_on(settings: Settings, db: Database) -> Services:
         settings.models_dir,
         cache_size=settings.model_cache_size,
         hub_url=settings.model_hub_url,
+        idle_timeout=settings.model_idle_timeout,
     )
 
     async def save(job: Job) -> str | None:
@@ -132,11 +133,18 @@ def create_app(settings: Settings | None = None) -> Quart:
         app.extensions["appliance"] = services
         services.extras["warm_up"] = asyncio.create_task(_warm_up(services))
         services.ready = True
+        if settings.wyoming_enabled:  # issue 14: Home Assistant (Wyoming) on its own TCP port
+            from appliance import wyoming_server
+
+            services.extras["wyoming"] = await wyoming_server.start(services)
 
     @app.after_serving
     async def _shutdown() -> None:
         services: Services = app.extensions["appliance"]
         services.ready = False
+        wyoming = services.extras.get("wyoming")
+        if wyoming is not None:  # first: its requests hold models and wait for jobs
+            await wyoming.stop()
         await services.jobs.stop()
         services.models.close()
         await services.db.close()
@@ -152,6 +160,10 @@ def create_app(settings: Settings | None = None) -> Quart:
 
 def _init_features(app: Quart) -> None:
     """Each feature module registers its blueprints and start/stop hooks here."""
+    # issue 14: /metrics; its request timer first, so requests refused below are timed too
+    from appliance import metrics
+
+    metrics.init_app(app)
     # issue 6 (security): logging first (request ids), then TLS routes, the request guard
     # (auth, API keys, rate limits, headers, runtime settings), then the admin panel
     from appliance import admin, logging_setup, security, tls

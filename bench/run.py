@@ -5,6 +5,9 @@ configurations see the same machine load; per clip the fastest round counts. A s
 cannot run (the service not built yet, the openai-whisper extra missing) says why in the
 report instead of failing the run. To add a section, write a class with the `Section` methods
 and add it to `build_sections` (`bench/live.py` is the slot for the live-latency run).
+The soak (`bench/soak.py`: mixed traffic for minutes, RSS growth) is time-based, not
+round-based: `make bench` runs it after this, and it replaces the "Soak" section of the results
+file, which this run keeps when it rewrites the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from bench.common import ROOT, Clip, clips
 from bench.engines import EnginesSection
 from bench.live import LiveSection
 from bench.service import ServiceSection
+from bench.soak import current_section
+from bench.wyoming_bench import WyomingSection
 
 RESULTS = ROOT / "bench" / "results.md"
 
@@ -46,7 +51,7 @@ class Section(Protocol):
     def close(self) -> None: ...
 
 
-SECTIONS = ("engines", "service", "live")
+SECTIONS = ("engines", "service", "live", "wyoming")
 
 
 def build_sections(names: list[str], models: list[str], threads: int) -> list[Section]:
@@ -55,6 +60,7 @@ def build_sections(names: list[str], models: list[str], threads: int) -> list[Se
         "engines": engines,
         "service": ServiceSection(threads),
         "live": LiveSection(),
+        "wyoming": WyomingSection(),  # Home Assistant: ours vs wyoming-faster-whisper
     }
     return [available[n] for n in SECTIONS if n in names]
 
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     report = "\n".join(header + body)
-    args.out.write_text(report, encoding="utf-8")
+    soak = current_section(args.out)  # `make bench` runs bench.soak next; keep the last one
+    args.out.write_text(report + (f"\n{soak}" if soak else ""), encoding="utf-8")
     print(report)
     return 0
 

@@ -44,6 +44,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# --- promtool ----------------------------------------------------------------
+# tests/test_metrics.py checks /metrics with `promtool check metrics`. Only that binary is taken
+# from Debian's prometheus package (static but for libc): installing the package would also
+# install and start a Prometheus server, with ~100 MB of web assets.
+PROMTOOL=.cache/promtool/usr/bin/promtool
+if [ ! -x "$PROMTOOL" ]; then
+  msg "extracting promtool from Debian's prometheus package"
+  deb_dir=$(mktemp -d); chmod 755 "$deb_dir"
+  if ! (cd "$deb_dir" && apt-get download -qq prometheus 2>/dev/null); then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    (cd "$deb_dir" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/root"
+  install -D -m 755 "$deb_dir/root/usr/bin/promtool" "$PROMTOOL"
+  rm -rf "$deb_dir"
+fi
+
 # --- virtual environment -----------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   msg "creating $VENV"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from quart import Quart
 
-from appliance.api import history_api, openai_compat, system, transcribe
+from appliance.api import asr_compat, history_api, openai_compat, system, transcribe
 
 
 def register(app: Quart) -> None:
-    for module in (system, transcribe, openai_compat, history_api):
+    for module in (system, transcribe, openai_compat, history_api, asr_compat):
         app.register_blueprint(module.blueprint)

@@ -1,19 +1,29 @@
 """OpenAI-compatible audio API: the official `openai` client works with `base_url` set here.
 
 Same fields and response shapes as OpenAI's `/v1/audio/*`; the model `whisper-1` means the
-appliance's default model, any other name one of ours.
+appliance's default model, any other name one of ours. `stream=true` on transcriptions answers
+server-sent `transcript.text.delta` events as segments are decoded, then `transcript.text.done`
+(OpenAI's event shapes). Extra form fields of faster-whisper servers are accepted: `hotwords`,
+`vad_filter`, `word_timestamps`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
 from pydantic import BaseModel, Field
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, Response, jsonify, make_response
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import formats
-from appliance.api.options import build_options, parse_float
+from appliance.api.options import build_options, parse_bool, parse_float
 from appliance.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.errors import APIError
+from appliance.jobs import Job
 from appliance.services import services
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
@@ -31,6 +41,16 @@ class OpenAITranscriptionForm(BaseModel):
     temperature: float | None = Field(None, ge=0, le=1)
     timestamp_granularities: list[str] | None = Field(
         None, alias="timestamp_granularities[]", description="word and/or segment (verbose_json)"
+    )
+    stream: bool | None = Field(
+        False,
+        description="Transcriptions only: server-sent transcript.text.delta events, then "
+        "transcript.text.done (response_format json or text)",
+    )
+    hotwords: str | None = Field(None, description="Extra: words to favour (faster-whisper)")
+    vad_filter: bool | None = Field(False, description="Extra: skip silence with Silero VAD")
+    word_timestamps: bool | None = Field(
+        False, description="Extra: word timestamps (verbose_json then lists words)"
     )
 
 
@@ -66,10 +86,20 @@ async def _handle(task: str) -> Response:
         for g in granularities:
             if g not in GRANULARITIES:
                 raise APIError(400, "invalid_request", f"timestamp_granularities: unknown {g!r}")
-        words = "word" in granularities
-        if words and fmt != "verbose_json":
+        if "word" in granularities and fmt != "verbose_json":
             raise APIError(
                 400, "invalid_request", "timestamp_granularities needs response_format=verbose_json"
+            )
+        # faster-whisper servers' extra form fields
+        words = "word" in granularities or parse_bool(
+            "word_timestamps", upload.get("word_timestamps")
+        )
+        stream = task == "transcribe" and parse_bool("stream", upload.get("stream"))
+        if stream and fmt not in ("json", "text"):
+            raise APIError(
+                400,
+                "invalid_request",
+                f"stream=true needs response_format json or text, not {fmt!r}",
             )
         if upload.get("model") is None:
             raise APIError(400, "invalid_request", "the 'model' field is required (e.g. whisper-1)")
@@ -81,11 +111,15 @@ async def _handle(task: str) -> Response:
             word_timestamps=words,
             prompt=upload.get("prompt"),
             temperature=parse_float("temperature", upload.get("temperature"), 0.0, 1.0),
+            vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
+            hotwords=upload.get("hotwords"),
         )
     except APIError:
         upload.discard()
         raise
     job = await submit(upload, model=model, options=options, source="api")
+    if stream:
+        return await _stream(job)
     await services().jobs.wait(job)
     raise_for_job(job)
     assert job.result is not None
@@ -96,6 +130,70 @@ async def _handle(task: str) -> Response:
     if fmt in ("srt", "vtt"):
         return Response(formats.render(job.result, fmt), content_type=formats.EXPORT_FORMATS[fmt])
     return jsonify(formats.verbose(job.result, task=task, words=words))
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+async def _changed(event: asyncio.Event) -> None:
+    """Wait for the job's next change (a segment, the end); wake up now and then regardless."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=15)
+
+
+async def _stream(job: Job) -> Response:
+    """`transcript.text.delta` per decoded segment, then `transcript.text.done`.
+
+    The response starts with the first segment (or the end of the job): a job that fails
+    before any text (audio FFmpeg cannot decode after all, a model that does not fit) still
+    answers its 4xx/5xx JSON error. The deltas concatenate to the done event's text; a job
+    that fails later ends the stream with an `error` event (the openai client raises it).
+    """
+    while not (job.segments or job.done.is_set()):
+        await _changed(job.changed)
+    if job.done.is_set():
+        raise_for_job(job)
+
+    async def events() -> AsyncIterator[bytes]:
+        seen, started, held = 0, False, ""
+        while True:
+            changed, finished = job.changed, job.done.is_set()
+            segments = job.segments[seen:]
+            seen += len(segments)
+            new = "".join(s.text for s in segments)
+            if not started:  # the text never starts with a space ...
+                new = new.lstrip()
+                started = bool(new)
+            held += new
+            delta = held.rstrip()  # ... nor ends with one: spaces wait for what follows
+            if delta:
+                held = held[len(delta) :]
+                yield _sse({"type": "transcript.text.delta", "delta": delta})
+            if finished:
+                break
+            await _changed(changed)
+        if job.state.value == "done" and job.result is not None:
+            yield _sse({"type": "transcript.text.done", "text": job.result.text})
+            return
+        try:
+            raise_for_job(job)
+            code, message = "result_not_found", "the transcript was deleted from the history"
+        except APIError as exc:
+            code, message = exc.code, exc.message
+        yield _sse({"type": "error", "error": {"code": code, "message": message}})
+
+    response = await make_response(
+        events(),
+        200,
+        {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    response.timeout = None  # type: ignore[union-attr]
+    return response  # type: ignore[return-value]
 
 
 @blueprint.post("/audio/transcriptions")

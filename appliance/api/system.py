@@ -35,7 +35,7 @@ async def health() -> Response:
     free_mb = shutil.disk_usage(s.settings.data_dir).free / 1024**2
     checks = {
         "started": s.ready,
-        "model_loaded": bool(s.models.loaded),
+        "model_loaded": s.models.ready,  # loaded, or unloaded only for idleness
         "database_writable": await s.db.writable(),
         "disk_free": free_mb >= MIN_FREE_DISK_MB,
     }

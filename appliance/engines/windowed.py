@@ -105,7 +105,7 @@ def _cut(source: Samples, start: int, window: int) -> int:
     if frames.shape[0] == 0:
         return end
     energy = np.einsum("ij,ij->i", frames, frames)
-    quietest = int(np.argmin(energy))
+    quietest = int(energy.shape[0]) - 1 - int(np.argmin(energy[::-1]))  # the latest, if several
     return end - search + quietest * _CUT_FRAME + _CUT_FRAME // 2
 
 

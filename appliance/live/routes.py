@@ -168,6 +168,7 @@ class LiveConnection:
         self.services = s
         self.settings = s.settings
         self.registry = reg
+        self.metrics = s.models.metrics  # issue 14: Prometheus metrics
         self.limits = _limits(s)
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.session_id = uuid.uuid4().hex
@@ -176,6 +177,7 @@ class LiveConnection:
         self.ready = False
 
     def send(self, message: dict[str, Any]) -> None:
+        self.metrics.live_message(message)  # final latency, audio seconds, errors
         self.outbox.put_nowait(message)
 
     async def _sender(self) -> None:
@@ -229,6 +231,7 @@ class LiveConnection:
             )
         self.registry.active += 1
         self.registry.started += 1
+        self.metrics.live_sessions_started.inc()
         try:
             return await self._session()
         finally:
