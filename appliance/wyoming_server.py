@@ -206,6 +206,7 @@ class Request:
     started: float = field(default_factory=time.monotonic)
     samples: int = 0
     batch: bool = False
+    live: bool = False
     session: LiveSession | None = None
     core: LiveTranscriber | None = None
     runner: asyncio.Task[None] | None = None
@@ -225,6 +226,7 @@ class WyomingServer:
         self.server: asyncio.Server | None = None
         self.connections: set[asyncio.Task[Any]] = set()
         self.requests = 0
+        self.live_requests = 0  # requests decoded while their audio arrives
         self.refused = 0
         self._zeroconf: Any = None
         self._announce: asyncio.Task[None] | None = None
@@ -275,6 +277,7 @@ class WyomingServer:
             "port": self.port,
             "connections": len(self.connections),
             "requests": self.requests,
+            "live_requests": self.live_requests,
             "refused": self.refused,
             "zeroconf": self._zeroconf is not None,
         }
@@ -453,7 +456,8 @@ class Connection:
         while True:
             left = self.active_at + idle - time.monotonic()
             if left <= 0:
-                raise ProtocolError("idle_timeout", f"no audio for {idle} s; closing")
+                waited = "audio" if self.request is not None else "events"
+                raise ProtocolError("idle_timeout", f"no {waited} for {idle} s; closing")
             try:
                 item = await asyncio.wait_for(read_event(self.reader), left)
             except TimeoutError:
@@ -526,6 +530,10 @@ class Connection:
         self.request = request
         self.server.requests += 1
         self.active_at = time.monotonic()
+        if self.server.live_requests >= self.settings.workers:
+            # as many live decodes as cores already: this one waits its turn in the job queue
+            request.batch = True
+            return
         try:
             model_obj = await request.holds_model.enter_async_context(
                 self.services.models.use(model)
@@ -541,6 +549,8 @@ class Connection:
             raise ProtocolError(exc.code, exc.message) from None
         request.session = LiveSession(request.core, lambda message: None)
         request.runner = asyncio.create_task(request.session.run())
+        request.live = True
+        self.server.live_requests += 1
         request.started = time.monotonic()  # pace counts from here (a model load is not audio)
         self.active_at = time.monotonic()
 
@@ -673,6 +683,9 @@ class Connection:
             # goes back
             await asyncio.wait({request.runner}, timeout=FLUSH_TIMEOUT)
         await request.holds_model.aclose()
+        if request.live:
+            request.live = False
+            self.server.live_requests -= 1
 
     async def _drop_request(self) -> None:
         """Give back what the request holds: the live decode, the model, the audio file."""
