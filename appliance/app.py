@@ -177,3 +177,7 @@ def _init_features(app: Quart) -> None:
 
     ui.init_app(app)
     live.init_app(app)
+    # issue 15: webhooks when a job finishes (started after every other service)
+    from appliance import webhooks
+
+    webhooks.init_app(app)

@@ -91,6 +91,21 @@ def _minutes(high: int) -> Callable[[str], float]:
     return parse
 
 
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """Seconds from `low` to `high`; fractions allowed (0.5)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected seconds such as 10 or 0.5, got {text!r}") from None
+        if not low <= value <= high:  # also refuses nan and inf
+            raise ValueError(f"expected seconds from {low:g} to {high:g}, got {text.strip()!r}")
+        return int(value) if value.is_integer() else value
+
+    return parse
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -380,6 +395,29 @@ class Settings:
         _networks,
         (),
         "Client addresses allowed to read /metrics (comma list of IPs/networks; empty = any)",
+    )
+    # --- outbound requests (issue 15): webhooks and URL input, appliance/outbound.py ---
+    outbound_allow_private: bool = _env(
+        "OUTBOUND_ALLOW_PRIVATE",
+        parse_bool,
+        True,
+        "Webhooks and URL input may reach private (RFC 1918, ULA) addresses; false = public only",
+    )
+    outbound_allowed_networks: tuple[Network, ...] = _env(
+        "OUTBOUND_ALLOWED_NETWORKS",
+        _networks,
+        (),
+        "Addresses webhooks and URL input may reach although refused by default (loopback, "
+        "link-local, this appliance's own; comma list of IPs/networks)",
+    )
+    webhook_max_attempts: int = _env(
+        "WEBHOOK_MAX_ATTEMPTS", _int_range(1, 10), 5, "Delivery attempts of a job's webhook"
+    )
+    webhook_retry_seconds: float = _env(
+        "WEBHOOK_RETRY_SECONDS",
+        _seconds(0.01, 3600),
+        10,
+        "Wait before the 2nd webhook attempt; doubled before each next one (10, 20, 40, 80 s)",
     )
 
     @property

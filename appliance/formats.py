@@ -1,12 +1,20 @@
-"""Render a transcript as txt, srt, vtt, tsv, json or OpenAI's verbose_json."""
+"""Render a transcript as txt, srt, vtt, tsv, json or OpenAI's verbose_json.
+
+Segments may carry a `speaker` label (diarization, or the transcript editor); it is shown as
+`[name] ` in TXT and SRT, `<v name>` in VTT and a `speaker` field/column in JSON and TSV, the
+label mapped through `speakers` (a history entry's renames) when given.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from appliance.engines.base import Transcript
+from appliance.engines.base import Segment, Transcript
+
+Names = Mapping[str, str] | None
 
 EXPORT_FORMATS = {
     "txt": "text/plain; charset=utf-8",
@@ -25,36 +33,85 @@ def _timestamp(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
 
 
-def to_txt(t: Transcript) -> str:
-    return t.text + "\n"
+def speaker_of(s: Segment, names: Names = None) -> str | None:
+    """The segment's speaker as shown: its label, renamed; None when it has none."""
+    label = getattr(s, "speaker", None)
+    if not isinstance(label, str) or not label:
+        return None
+    return (names or {}).get(label, label)
 
 
-def to_srt(t: Transcript) -> str:
+def _has_speakers(t: Transcript) -> bool:
+    return any(speaker_of(s) for s in t.segments)
+
+
+def to_txt(t: Transcript, names: Names = None) -> str:
+    if not _has_speakers(t):
+        return t.text + "\n"
+    lines: list[str] = []
+    previous: str | None = None
+    for s in t.segments:
+        who = speaker_of(s, names)
+        text = s.text.strip()
+        if who and who != previous:
+            lines.append(f"[{who}] {text}")
+        elif lines:
+            lines[-1] += f" {text}"
+        else:
+            lines.append(text)
+        previous = who or previous
+    return "\n".join(lines) + "\n"
+
+
+def _prefixed(s: Segment, names: Names) -> str:
+    who = speaker_of(s, names)
+    return f"[{who}] {s.text.strip()}" if who else s.text.strip()
+
+
+def to_srt(t: Transcript, names: Names = None) -> str:
     blocks = [
-        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text.strip()}\n"
+        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{_prefixed(s, names)}\n"
         for i, s in enumerate(t.segments, start=1)
     ]
     return "\n".join(blocks)
 
 
-def to_vtt(t: Transcript) -> str:
+def _voice(s: Segment, names: Names) -> str:
+    who = speaker_of(s, names)
+    if not who:
+        return s.text.strip()
+    who = who.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return f"<v {who}>{s.text.strip()}"
+
+
+def to_vtt(t: Transcript, names: Names = None) -> str:
     blocks = [
-        f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text.strip()}\n"
+        f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{_voice(s, names)}\n"
         for s in t.segments
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def to_tsv(t: Transcript) -> str:
-    lines = ["start\tend\ttext"]
+def _cell(text: str) -> str:
+    return text.strip().replace("\t", " ").replace("\n", " ")
+
+
+def to_tsv(t: Transcript, names: Names = None) -> str:
+    speakers = _has_speakers(t)
+    lines = ["start\tend\tspeaker\ttext" if speakers else "start\tend\ttext"]
     for s in t.segments:
-        text = s.text.strip().replace("\t", " ").replace("\n", " ")
-        lines.append(f"{round(s.start * 1000)}\t{round(s.end * 1000)}\t{text}")
+        cells = [str(round(s.start * 1000)), str(round(s.end * 1000))]
+        if speakers:
+            cells.append(_cell(speaker_of(s, names) or ""))
+        cells.append(_cell(s.text))
+        lines.append("\t".join(cells))
     return "\n".join(lines) + "\n"
 
 
-def verbose(t: Transcript, *, task: str = "transcribe", words: bool = False) -> dict[str, Any]:
-    """OpenAI's verbose_json shape (also our json export)."""
+def verbose(
+    t: Transcript, *, task: str = "transcribe", words: bool = False, names: Names = None
+) -> dict[str, Any]:
+    """OpenAI's verbose_json shape (also our json export), plus `speaker` where known."""
     out: dict[str, Any] = {
         "task": task,
         "language": t.language,
@@ -76,6 +133,10 @@ def verbose(t: Transcript, *, task: str = "transcribe", words: bool = False) -> 
             for s in t.segments
         ],
     }
+    for segment, s in zip(out["segments"], t.segments, strict=True):
+        who = speaker_of(s, names)
+        if who:
+            segment["speaker"] = who
     if words:
         out["words"] = [
             {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
@@ -85,17 +146,22 @@ def verbose(t: Transcript, *, task: str = "transcribe", words: bool = False) -> 
     return out
 
 
-def render(t: Transcript, fmt: str) -> str:
+def render(t: Transcript, fmt: str, speakers: Names = None) -> str:
+    """`speakers`: label -> display name (a history entry's renames)."""
     if fmt == "txt":
-        return to_txt(t)
+        return to_txt(t, speakers)
     if fmt == "srt":
-        return to_srt(t)
+        return to_srt(t, speakers)
     if fmt == "vtt":
-        return to_vtt(t)
+        return to_vtt(t, speakers)
     if fmt == "tsv":
-        return to_tsv(t)
+        return to_tsv(t, speakers)
     if fmt == "json":
-        return json.dumps(
-            {**verbose(t, words=True), "segments_full": [asdict(s) for s in t.segments]}
-        )
+        out = {
+            **verbose(t, words=True, names=speakers),
+            "segments_full": [asdict(s) for s in t.segments],
+        }
+        if speakers:
+            out["speakers"] = dict(speakers)
+        return json.dumps(out)
     raise ValueError(f"unknown format {fmt!r}")

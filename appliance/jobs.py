@@ -76,6 +76,13 @@ MIGRATIONS = [
     CREATE INDEX jobs_state ON jobs(state, created);
     CREATE INDEX jobs_finished ON jobs(finished);
     """,
+    # issue 15: webhooks (appliance/webhooks.py); callback_state NULL until the job finished
+    # and its delivery began, then 'pending', 'delivered' or 'failed'
+    """
+    ALTER TABLE jobs ADD COLUMN callback_url TEXT;
+    ALTER TABLE jobs ADD COLUMN callback_state TEXT;
+    ALTER TABLE jobs ADD COLUMN callbacks TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -129,6 +136,9 @@ class Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     saved_at: float = 0.0  # monotonic time of the last progress write
     segments: list[Segment] = field(default_factory=list)  # decoded so far (streaming)
+    callback_url: str | None = None  # issue 15: webhook POSTed when the job finishes
+    callback_state: str | None = None  # None, pending, delivered, failed
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # delivery attempts
 
     def touch(self) -> None:
         """Wake every subscriber; they re-read the job."""
@@ -202,6 +212,8 @@ class JobQueue:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._incoming: set[str] = set()  # audio files moved in, rows not written yet
+        # issue 15: called (on the loop) when a job finished; appliance/webhooks.py sets it
+        self.on_finished: Callable[[Job], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -259,7 +271,8 @@ class JobQueue:
             try:
                 await self.db.conn.execute(
                     "INSERT INTO jobs (id, state, source, model, options, audio_path, filename,"
-                    " duration, created) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    " duration, created, callback_url)"
+                    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job.id,
                         job.source,
@@ -269,6 +282,7 @@ class JobQueue:
                         job.filename,
                         job.duration,
                         job.created,
+                        job.callback_url,
                     ),
                 )
                 await self.db.conn.commit()
@@ -381,6 +395,8 @@ class JobQueue:
             "history_id": job.history_id,
             "error": job.error,
             "text": job.result.text if job.result else None,
+            "callback_state": job.callback_state,
+            "callbacks": list(job.callbacks),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -449,7 +465,15 @@ class JobQueue:
             error=error if isinstance(error, dict) else None,
             timings=timings if isinstance(timings, dict) else {},
             attempts=int(row["attempts"] or 0),
+            callback_url=row["callback_url"],
+            callback_state=row["callback_state"],
         )
+        try:
+            callbacks = json.loads(row["callbacks"] or "[]")
+        except ValueError:
+            callbacks = []
+        if isinstance(callbacks, list):
+            job.callbacks = [c for c in callbacks if isinstance(c, dict)]
         return job
 
     async def _recover(self) -> None:
@@ -683,6 +707,11 @@ class JobQueue:
         job.done.set()
         job.touch()
         self.metrics.job_finished(job)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(job)
+            except Exception:
+                log.exception("finish hook failed for job %s", job.id)
         self._forget_old()
 
     def _forget_old(self) -> None:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 # /asr and /detect-language: the whisper-asr-webservice API (appliance.api.asr_compat)
 PROTECTED = ("/transcribe", "/v1/", "/api/", "/ws/live", "/asr", "/detect-language")
+# WebSockets that take a rate-limit token when opened (live sessions)
+LIVE_WEBSOCKETS = ("/ws/live", "/v1/realtime")
+# WebSockets that run `websocket_refusal` themselves once accepted, to answer in their own
+# protocol (OpenAI Realtime clients expect an `error` event, not an HTTP 401)
+SELF_CHECKED_WEBSOCKETS = ("/v1/realtime",)
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 CSP = "; ".join(
     (
@@ -193,6 +198,17 @@ def _rate_limited(req: _Request | Websocket) -> Response | None:
     )
 
 
+async def websocket_refusal() -> Response | None:
+    """API keys (when required) and the rate limit of live sessions for this WebSocket: the
+    error response that refuses it, or None."""
+    if not _is_protected(websocket.path):
+        return None
+    refused = await _authenticate(websocket, "GET")
+    if refused is None and websocket.path.startswith(LIVE_WEBSOCKETS):
+        refused = _rate_limited(websocket)
+    return refused
+
+
 def _preflight() -> Response:
     origin = request.headers.get("Origin", "")
     if not origin_allowed(origin, request.host):
@@ -254,12 +270,9 @@ def init_app(app: Quart) -> None:
 
     @app.before_websocket
     async def _check_websocket() -> Response | None:
-        if not _is_protected(websocket.path):
+        if websocket.path in SELF_CHECKED_WEBSOCKETS:
             return None
-        refused = await _authenticate(websocket, "GET")
-        if refused is None and websocket.path.startswith("/ws/live"):
-            refused = _rate_limited(websocket)
-        return refused
+        return await websocket_refusal()
 
     @app.after_request
     async def _headers(response: Response) -> Response:

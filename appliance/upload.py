@@ -81,7 +81,11 @@ def prepare_tmp_dir(tmp_dir: Path) -> None:
 
 
 async def receive_upload(
-    request: Request, tmp_dir: Path, max_size: int, file_field: str = "file"
+    request: Request,
+    tmp_dir: Path,
+    max_size: int,
+    file_field: str = "file",
+    file_optional: bool = False,
 ) -> Upload:
     """Parse the request body as multipart/form-data, streaming the file to `tmp_dir`.
 
@@ -137,6 +141,8 @@ async def receive_upload(
         upload.discard()
         raise
     parser.close()
+    if upload.file_path is None and file_optional:  # issue 15: a `url` field instead
+        return upload
     if upload.file_path is None:
         raise APIError(400, "missing_file", f"the form has no {file_field!r} file part")
     if upload.file_size == 0:

@@ -377,27 +377,29 @@ async def test_off_by_default_and_a_busy_port_does_not_stop_the_appliance(
 
 
 async def test_more_live_requests_than_workers_go_through_the_queue(
-    wyoming: tuple[Quart, WyomingServer], jfk_wav: Path
+    tmp_path: Path, jfk_wav: Path
 ) -> None:
-    from tests.conftest import JFK_TEXT
-
-    app, server = wyoming  # one worker: one live decode at a time
     pcm, _ = read_pcm(jfk_wav)
-    async with AsyncTcpClient("127.0.0.1", server.port or 0) as first:
-        await first.write_event(AudioStart(rate=16000, width=2, channels=1).event())
-        await first.write_event(AudioChunk(16000, 2, 1, pcm[:16000]).event())
-        for _ in range(50):
-            if server.live_requests == 1:
-                break
-            await asyncio.sleep(0.1)
-        assert server.live_requests == 1
-        text, _, _ = await transcribe(server.port or 0, pcm)  # meanwhile, a second request
-        assert wer(JFK_TEXT, text) <= 0.15, text
-        await first.write_event(AudioStop().event())
-        while True:
-            event = await asyncio.wait_for(first.read_event(), 60)
-            assert event is not None
-            if Transcript.is_type(event.type):
-                break
-    await assert_healthy(server)
-    assert server.live_requests == 0
+    async with running(tmp_path) as (app, server):  # one worker: one live decode at a time
+        async with AsyncTcpClient("127.0.0.1", server.port or 0) as first:
+            await first.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            await first.write_event(AudioChunk(16000, 2, 1, pcm[:16000]).event())
+            for _ in range(50):
+                if server.live_requests == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert server.live_requests == 1
+            # meanwhile, a second request at real-time pace (3 s: "And so my fellow Americans")
+            jobs = app.extensions["appliance"].jobs
+            assert not [j for j in jobs.jobs.values() if j.source == "wyoming"]
+            text, _, _ = await transcribe(server.port or 0, pcm[: 3 * 32000], realtime=True)
+            assert "fellow americans" in text.lower(), text
+            assert [j for j in jobs.jobs.values() if j.source == "wyoming"]  # it was a job
+            await first.write_event(AudioStop().event())
+            while True:
+                event = await asyncio.wait_for(first.read_event(), 60)
+                assert event is not None
+                if Transcript.is_type(event.type):
+                    break
+        await assert_healthy(server)
+        assert server.live_requests == 0

@@ -6,7 +6,7 @@ import asyncio
 
 from quart import request
 
-from appliance import audio
+from appliance import audio, outbound
 from appliance.engines.base import TranscribeOptions
 from appliance.errors import APIError
 from appliance.jobs import Job, JobStoreError, QueueFullError
@@ -19,11 +19,31 @@ async def receive() -> Upload:
     s = services()
     # runtime settings (admin panel) override the env defaults: appliance.settings_store
     limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
-    upload = await receive_upload(request, s.settings.tmp_dir, limit)
+    upload = await receive_upload(request, s.settings.tmp_dir, limit, file_optional=True)
+    await _fetch_url(upload, limit)
     language = s.extras.get("default_language")
     if language and not (upload.get("language") or "").strip():
         upload.fields["language"] = [language]
     return upload
+
+
+async def _fetch_url(upload: Upload, limit: int) -> None:
+    """Issue 15: a `url` field instead of the file part: download it like an upload."""
+    url = (upload.get("url") or "").strip()
+    if upload.file_path is not None:
+        if url:
+            upload.discard()
+            raise APIError(400, "invalid_request", "send either a 'file' part or a 'url', not both")
+        return
+    if not url:
+        raise APIError(400, "missing_file", "the form has no 'file' file part (nor a 'url' field)")
+    s = services()
+    policy = outbound.Policy.from_settings(s.settings)
+    try:
+        got = await outbound.download(url, s.settings.tmp_dir, limit, policy)
+    except outbound.OutboundError as exc:
+        raise APIError(exc.status, exc.code, exc.message) from None
+    upload.file_path, upload.file_name, upload.file_size = got.path, got.filename, got.size
 
 
 def resolve_model(name: str | None) -> str:
@@ -43,7 +63,14 @@ def resolve_model(name: str | None) -> str:
     return chosen
 
 
-async def submit(upload: Upload, *, model: str, options: TranscribeOptions, source: str) -> Job:
+async def submit(
+    upload: Upload,
+    *,
+    model: str,
+    options: TranscribeOptions,
+    source: str,
+    callback_url: str | None = None,
+) -> Job:
     """Probe the file (415 if not audio, 413 if too long) and queue it (429 if the queue is full).
 
     The upload's temp file belongs to the job from here on; on any refusal it is deleted.
@@ -70,6 +97,7 @@ async def submit(upload: Upload, *, model: str, options: TranscribeOptions, sour
         duration=info.duration,
         source=source,
         filename=upload.file_name,
+        callback_url=callback_url,
     )
     try:
         return await services().jobs.submit(job)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response, jsonify, make_response, request
 from quart_schema import DataSource, document_request, document_response, tag
 
-from appliance import formats
+from appliance import formats, webhooks
 from appliance.api.options import build_options, parse_bool
 from appliance.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.errors import APIError
@@ -24,7 +24,15 @@ FORMATS = ("json", "txt", "srt", "vtt", "tsv")
 class TranscribeForm(BaseModel):
     """multipart/form-data fields of a transcription request."""
 
-    file: bytes = Field(description="The audio or video file (any format FFmpeg decodes)")
+    file: bytes | None = Field(
+        None, description="The audio or video file (any format FFmpeg decodes); or `url`"
+    )
+    url: str | None = Field(
+        None, description="Instead of `file`: an http(s) URL the appliance downloads the file from"
+    )
+    callback_url: str | None = Field(
+        None, description="POST the signed result there when the job finishes (webhook)"
+    )
     model: str | None = Field(None, description="Model name, default: the appliance default")
     language: str | None = Field(None, description="ISO 639-1 code or 'auto'")
     task: str | None = Field("transcribe", description="transcribe or translate (to English)")
@@ -47,6 +55,12 @@ class JobView(BaseModel):
     history_id: str | None
     error: dict[str, str] | None
     text: str | None
+    callback_state: str | None = Field(
+        None, description="Webhook: null, pending, delivered or failed"
+    )
+    callbacks: list[dict[str, object]] = Field(
+        default_factory=list, description="Webhook attempts: attempt, time, status, error"
+    )
 
 
 class TranscriptView(BaseModel):
@@ -75,10 +89,11 @@ async def _form_job(source: str) -> tuple[Job, str]:
             hotwords=upload.get("hotwords"),
         )
         model = resolve_model(upload.get("model"))
+        callback = await webhooks.callback_for(upload.get("callback_url"), services())
     except APIError:
         upload.discard()
         raise
-    job = await submit(upload, model=model, options=options, source=source)
+    job = await submit(upload, model=model, options=options, source=source, callback_url=callback)
     return job, fmt
 
 

@@ -164,6 +164,12 @@ async def live_socket() -> None:
 
 
 class LiveConnection:
+    """One `/ws/live` connection; `appliance.api.realtime` speaks OpenAI's Realtime protocol
+    on the same machinery by overriding the protocol parts (`send`, `_start_message`,
+    `_live_config`, `_pump`)."""
+
+    history_source = "live"
+
     def __init__(self, s: Services, reg: LiveRegistry) -> None:
         self.services = s
         self.settings = s.settings
@@ -341,11 +347,7 @@ class LiveConnection:
         self, model_name: str, model: Any, language: str | None, task: str
     ) -> tuple[int, str]:
         decoder = Decoder(model, language=language, task=task)
-        config = LiveConfig(
-            silence_seconds=self.settings.live_silence_ms / 1000,
-            max_utterance_seconds=float(self.settings.live_max_utterance_seconds),
-        )
-        core = await asyncio.to_thread(LiveTranscriber, decoder, config)
+        core = await asyncio.to_thread(LiveTranscriber, decoder, self._live_config())
         session = LiveSession(core, self.send)
         self.registry.sessions[self.session_id] = {"model": model_name, "started": time.time()}
         self.send(
@@ -395,6 +397,12 @@ class LiveConnection:
         )
         return code, reason
 
+    def _live_config(self) -> LiveConfig:
+        return LiveConfig(
+            silence_seconds=self.settings.live_silence_ms / 1000,
+            max_utterance_seconds=float(self.settings.live_max_utterance_seconds),
+        )
+
     def _limit_reached(self, limit: SessionLimit) -> str:
         """The session length limit ends a session like `stop`, with an error first."""
         self.send({"type": "error", "code": limit.code, "message": limit.message})
@@ -406,8 +414,6 @@ class LiveConnection:
         rate limit lets come faster than real time)."""
         bucket = TokenBucket(self.limits["max_bytes_per_second"])
         max_frame = self.limits["max_frame_bytes"]
-        minutes = self.limits["max_session_minutes"]
-        max_samples = minutes * 60 * SAMPLE_RATE
         while True:
             try:
                 frame = await self._receive()
@@ -437,23 +443,29 @@ class LiveConnection:
                     f"an audio frame may hold at most {max_frame} bytes, got {len(frame)}",
                     "frame too large",
                 )
-            if not bucket.take(len(frame)):
-                raise Refusal(
-                    1008,
-                    "rate_limited",
-                    f"audio faster than {bucket.rate} bytes/s; send 16 kHz audio in real time",
-                    f"more than {bucket.rate} bytes/s",
-                )
-            try:
-                session.feed(frame)
-            except ValueError as exc:
-                raise Refusal(1007, "invalid_audio", str(exc), "invalid audio") from None
-            except BacklogError as exc:
-                raise Refusal(1013, "overloaded", str(exc), "engine overloaded") from None
-            if frame:  # only audio is activity: an empty frame does not hold the slot
-                self.active_at = time.monotonic()
-            if max_samples and session.received_bytes // 2 >= max_samples:
-                return self._limit_reached(SessionLimit(minutes))
+            if self._feed_audio(session, frame, bucket):
+                return self._limit_reached(SessionLimit(self.limits["max_session_minutes"]))
+
+    def _feed_audio(self, session: LiveSession, pcm: bytes, bucket: TokenBucket) -> bool:
+        """16 kHz PCM to the session, within the rate and backlog limits; True once the audio
+        received reaches the session length limit."""
+        if not bucket.take(len(pcm)):
+            raise Refusal(
+                1008,
+                "rate_limited",
+                f"audio faster than {bucket.rate} bytes/s (16 kHz PCM); send audio in real time",
+                f"more than {bucket.rate} bytes/s",
+            )
+        try:
+            session.feed(pcm)
+        except ValueError as exc:
+            raise Refusal(1007, "invalid_audio", str(exc), "invalid audio") from None
+        except BacklogError as exc:
+            raise Refusal(1013, "overloaded", str(exc), "engine overloaded") from None
+        if pcm:  # only audio is activity: an empty frame does not hold the slot
+            self.active_at = time.monotonic()
+        max_samples = self.limits["max_session_minutes"] * 60 * SAMPLE_RATE
+        return bool(max_samples) and session.received_bytes // 2 >= max_samples
 
     async def _save(self, core: LiveTranscriber, model_name: str, task: str) -> str | None:
         if not core.finals:
@@ -461,7 +473,7 @@ class LiveConnection:
         try:
             return await self.services.history.add(
                 core.transcript(),
-                source="live",
+                source=self.history_source,
                 model=model_name,
                 filename="",
                 task=task,

@@ -180,7 +180,7 @@ class LiveTranscriber:
         self.decodes = 0
         self._next_index = 0
         self._last_partial_seconds = 0.0
-        self._finals_running: set[int] = set()
+        self._finals_running: dict[int, int] = {}  # speech end -> utterance index
         self.language = decoder.language or ""
 
     # --- audio in ---------------------------------------------------------------------------
@@ -209,11 +209,14 @@ class LiveTranscriber:
             if prob < cfg.threshold:
                 return []
             start = max(self._buffer_start, end - WINDOW - int(cfg.pre_roll_seconds * SAMPLE_RATE))
-            self.utterance = Utterance(self._next_index, start, end, WINDOW, start)
+            utt_index = self._next_index
+            self.utterance = Utterance(utt_index, start, end, WINDOW, start)
             self.utterance.probs.append((end, prob))
             self._next_index += 1
             self.agreement.reset()
-            return [{"type": "vad", "speech": True, "at": _sec(end - WINDOW)}]
+            return [
+                {"type": "vad", "speech": True, "at": _sec(end - WINDOW), "utterance": utt_index}
+            ]
         utt.probs.append((end, prob))
         was_speech = utt.last_speech_end == end - WINDOW
         if prob >= cfg.threshold or (was_speech and prob >= cfg.neg_threshold):
@@ -221,7 +224,8 @@ class LiveTranscriber:
             utt.voiced += WINDOW
         if end - utt.last_speech_end >= cfg.silence_seconds * SAMPLE_RATE:
             self._close("silence", utt.last_speech_end + int(cfg.speech_pad_seconds * SAMPLE_RATE))
-            return [{"type": "vad", "speech": False, "at": _sec(utt.last_speech_end)}]
+            at = _sec(utt.last_speech_end)
+            return [{"type": "vad", "speech": False, "at": at, "utterance": utt.index}]
         if end - utt.start >= cfg.max_utterance_seconds * SAMPLE_RATE:
             self._split(end)
         return []
@@ -331,6 +335,16 @@ class LiveTranscriber:
             self.closed or self._speculation_due() or (not skip_partials and self._partial_due())
         )
 
+    def settled(self, index: int) -> bool:
+        """Whether utterances up to `index` are over: closed, and their finals emitted (or
+        dropped: a click, an empty decode). Callers map their own units to utterances."""
+        with self.lock:
+            if self.utterance is not None and self.utterance.index <= index:
+                return False
+            if any(c.index <= index for c in self.closed):
+                return False
+            return all(i > index for i in self._finals_running.values())
+
     def lag_seconds(self) -> float:
         """How far finals are behind: audio since the oldest unfinished utterance ended,
         beyond the silence that had to pass anyway (about one decode time when keeping up)."""
@@ -352,7 +366,7 @@ class LiveTranscriber:
             if kind == "main":
                 if self.closed:
                     closed = self.closed.popleft()
-                    self._finals_running.add(closed.speech_end)
+                    self._finals_running[closed.speech_end] = closed.index
                     return DecodeJob("final", closed.audio, closed=closed)
                 if utt is not None and self._speculation_due():
                     pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
@@ -394,7 +408,7 @@ class LiveTranscriber:
             if hyp.language:
                 self.language = hyp.language
             if job.closed is not None:
-                self._finals_running.discard(job.closed.speech_end)
+                self._finals_running.pop(job.closed.speech_end, None)
                 return self._finalize(job.closed, hyp)
             utt = job.utterance
             assert utt is not None
@@ -552,6 +566,7 @@ class LiveSession:
         self._closing = False
         self._aborted = False
         self._last_lag_report = 0.0
+        self._flushes: list[asyncio.Future[None]] = []
         self.received_bytes = 0
 
     def feed(self, pcm: bytes) -> None:
@@ -574,6 +589,15 @@ class LiveSession:
         """Ask `run` to close the current utterance, emit every final and return."""
         self._closing = True
         self._wake.set()
+
+    async def flush(self) -> None:
+        """End the current utterance after the audio fed so far and return once its final (and
+        every earlier one) is emitted; unlike `stop`, the session goes on. Feed nothing until
+        this returns: that audio would land before the cut."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append(future)
+        self._wake.set()
+        await future
 
     def abort(self) -> None:
         """Ask `run` to return after the decode in progress, dropping what is left."""
@@ -603,19 +627,22 @@ class LiveSession:
             "partial": None,
         }
         flushed = False
+        cut = False  # a `flush` cut is fed: its finals are being decoded
         try:
             while not self._aborted:
                 self._wake.clear()
                 closing = self._closing
+                flushing = bool(self._flushes)
                 lag = max(self.backlog_seconds, self.core.lag_seconds())
-                skip = lag > self.max_lag or closing
+                skip = lag > self.max_lag or closing or flushing
                 if lag > self.max_lag and time.monotonic() - self._last_lag_report >= 1.0:
                     self._last_lag_report = time.monotonic()
                     self.emit({"type": "lag", "seconds": round(lag, 2), "skipping_partials": True})
-                if self._inbox or (closing and not flushed):
+                if self._inbox or (closing and not flushed) or (flushing and not cut):
                     pcm, arrivals = self._take()
-                    flushed = closing
-                    for message in await asyncio.to_thread(self._feed, pcm, arrivals, closing):
+                    flushed, cut = closing, flushing
+                    close = closing or flushing
+                    for message in await asyncio.to_thread(self._feed, pcm, arrivals, close):
                         self.emit(message)
                     continue  # more audio may have come meanwhile: feed it before planning
                 for kind in ("main", "partial"):
@@ -633,6 +660,13 @@ class LiveSession:
                 running = [slot[0] for slot in slots.values() if slot is not None]
                 if closing and flushed and not running and not self.core.has_work(True):
                     return
+                if cut and not running and not self.core.has_work(True):
+                    for future in self._flushes:
+                        if not future.done():
+                            future.set_result(None)
+                    self._flushes.clear()
+                    cut = False
+                    continue
                 woken = asyncio.create_task(self._wake.wait())
                 await asyncio.wait([woken, *running], return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
@@ -647,3 +681,6 @@ class LiveSession:
             running = [slot[0] for slot in slots.values() if slot is not None]
             if running:
                 await asyncio.wait(running)
+            for future in self._flushes:
+                if not future.done():
+                    future.set_exception(RuntimeError("the live session ended"))
