@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from appliance.engines.base import Segment, Transcript
+from appliance.engines.base import Segment, Transcript, Word
 
 Names = Mapping[str, str] | None
 
@@ -39,6 +39,11 @@ def speaker_of(s: Segment, names: Names = None) -> str | None:
     if not isinstance(label, str) or not label:
         return None
     return (names or {}).get(label, label)
+
+
+def _word_speaker(w: Word, names: Names) -> str | None:
+    label = getattr(w, "speaker", None)
+    return (names or {}).get(label, label) if isinstance(label, str) and label else None
 
 
 def _has_speakers(t: Transcript) -> bool:
@@ -140,6 +145,7 @@ def verbose(
     if words:
         out["words"] = [
             {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
+            | ({"speaker": who} if (who := _word_speaker(w, names)) else {})
             for s in t.segments
             for w in s.words
         ]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import audio
+from appliance import audio, diarize
 from appliance.db import Database
 from appliance.engines import windowed
 from appliance.engines.base import Segment, TranscribeOptions, Transcript
@@ -196,6 +196,7 @@ class JobQueue:
         self.models = models
         self.db = db
         self.jobs_dir = jobs_dir
+        self.data_dir = jobs_dir.parent  # where the speaker model lives (models/)
         self.workers = workers
         self.max_queue = max_queue
         self.retention_hours = retention_hours
@@ -660,6 +661,10 @@ class JobQueue:
                     loop.call_soon_threadsafe(self._progress, job)
                 if job.cancel_flag.is_set():
                     raise JobCancelledError
+                if job.options.diarize:  # issue 15: who said what
+                    started = time.perf_counter()
+                    collected[:] = diarize.run(samples, collected, job.options, self.data_dir)
+                    job.timings["diarize_seconds"] = round(time.perf_counter() - started, 3)
                 return Transcript.from_segments(info, collected)
 
             try:
@@ -670,6 +675,7 @@ class JobQueue:
         self.speed.add(job.duration, t2 - t1)
         self.metrics.job_transcribed(job, t2 - t1)
         job.timings = {
+            **job.timings,  # diarize_seconds
             "decode_seconds": round(t1 - t0, 3),
             "transcribe_seconds": round(t2 - t1, 3),
             "realtime_factor": round(job.duration / max(t2 - t1, 1e-6), 2),

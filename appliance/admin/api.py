@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 from quart import Response, jsonify, request
 
-from appliance import __version__, logging_setup
+from appliance import __version__, logging_setup, webhooks
 from appliance.admin import updates
 from appliance.admin.guard import auth, blueprint, read_json, session
 from appliance.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_MAX_AGE, AuthError
@@ -260,9 +260,21 @@ async def import_model() -> Response:
 
 
 # --- settings ------------------------------------------------------------------------------
+def _describe_settings() -> dict[str, Any]:
+    """The runtime settings, and the webhook secret (issue 15) to verify signatures with."""
+    described = _store().describe()
+    hooks = webhooks.dispatcher(services())
+    described["webhook"] = {
+        "secret": hooks.secret if hooks is not None else None,
+        "signature_header": webhooks.SIGNATURE_HEADER,
+        "timestamp_header": webhooks.TIMESTAMP_HEADER,
+    }
+    return described
+
+
 @blueprint.get("/api/settings")
 async def get_settings() -> Response:
-    return jsonify(_store().describe())
+    return jsonify(_describe_settings())
 
 
 @blueprint.put("/api/settings")
@@ -272,7 +284,7 @@ async def put_settings() -> Response:
         await _store().update(changes)
     except SettingsError as exc:
         raise APIError(exc.status, "invalid_setting", str(exc)) from None
-    return jsonify(_store().describe())
+    return jsonify(_describe_settings())
 
 
 # --- logs ----------------------------------------------------------------------------------

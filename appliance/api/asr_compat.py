@@ -38,7 +38,7 @@ from quart_schema import (
 )
 
 from appliance import audio
-from appliance.api.options import build_options, parse_language
+from appliance.api.options import build_options, parse_language, parse_speakers
 from appliance.api.submit import raise_for_job, resolve_model, submit
 from appliance.engines.base import SAMPLE_RATE, Transcript
 from appliance.errors import APIError
@@ -91,6 +91,10 @@ class AsrQuery(BaseModel):
     vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
     word_timestamps: bool | None = Field(False, description="Word timestamps (json output)")
     output: str | None = Field("txt", description="txt, vtt, srt, tsv or json")
+    diarize: bool | None = Field(False, description="Label speakers (who said what)")
+    num_speakers: int | None = Field(None, description="Exact number of speakers, if known")
+    min_speakers: int | None = Field(None, description="At least this many speakers")
+    max_speakers: int | None = Field(None, description="At most this many speakers")
     video_file: str | None = Field(
         None, description="Path of the video (Bazarr's 'pass video name'): the history's name"
     )
@@ -276,16 +280,16 @@ def _ts(seconds: float, *, srt: bool = False) -> str:
 def render(t: Transcript, output: str, language: str | None) -> str:
     segments = t.segments
     if output == "txt":
-        return "".join(f"{s.text.strip()}\n" for s in segments)
+        return "".join(f"{_who(s)}{s.text.strip()}\n" for s in segments)
     if output == "vtt":
         return "WEBVTT\n\n" + "".join(
-            f"{_ts(s.start)} --> {_ts(s.end)}\n{s.text.strip().replace('-->', '->')}\n\n"
+            f"{_ts(s.start)} --> {_ts(s.end)}\n{_voice(s)}{s.text.strip().replace('-->', '->')}\n\n"
             for s in segments
         )
     if output == "srt":
         return "".join(
             f"{i}\n{_ts(s.start, srt=True)} --> {_ts(s.end, srt=True)}\n"
-            f"{s.text.strip().replace('-->', '->')}\n\n"
+            f"{_who(s)}{s.text.strip().replace('-->', '->')}\n\n"
             for i, s in enumerate(segments, start=1)
         )
     if output == "tsv":
@@ -323,7 +327,16 @@ def _segment_json(s: Any) -> dict[str, Any]:
         if s.words
         else None,
         "temperature": s.temperature,
+        **({"speaker": s.speaker} if s.speaker else {}),
     }
+
+
+def _who(s: Any) -> str:
+    return f"[{s.speaker}] " if s.speaker else ""
+
+
+def _voice(s: Any) -> str:
+    return f"<v {s.speaker}>" if s.speaker else ""
 
 
 @blueprint.post("/asr")
@@ -357,6 +370,7 @@ async def asr() -> Response:
             word_timestamps=word_timestamps,
             vad_filter=vad_filter,
             prompt=request.args.get("initial_prompt"),
+            **parse_speakers(request.args.get),
         )
         model = resolve_model(None)
         await _prepare_audio(upload, encode=encode)

@@ -193,30 +193,40 @@ async def list_revisions(entry_id: str) -> Response:
     return jsonify({"revisions": revisions})
 
 
-@blueprint.get("/<entry_id>/revisions/<int:n>")
+def _revision_number(n: str) -> int:
+    # a plain <n>, not <int:n>: quart-schema's OpenAPI path of `<a>/x/<int:b>` is wrong
+    if not n.isascii() or not n.isdigit() or len(n) > 9:
+        raise APIError(404, "not_found", f"no revision {n[:20]!r}: revisions are numbers")
+    return int(n)
+
+
+@blueprint.get("/<entry_id>/revisions/<n>")
 @tag(["history"])
-async def get_revision(entry_id: str, n: int) -> Response:
+async def get_revision(entry_id: str, n: str) -> Response:
     """One revision with its text, segments and speaker names."""
-    revision = await services().history.revision(entry_id, n)
+    revision = await services().history.revision(entry_id, _revision_number(n))
     if revision is None:
         raise APIError(404, "not_found", f"no revision {n} of history entry {entry_id!r}")
     return jsonify(revision)
 
 
-@blueprint.post("/<entry_id>/revisions/<int:n>/restore")
+@blueprint.post("/<entry_id>/revisions/<n>/restore")
 @tag(["history"])
 @document_request(RestoreBody)
-async def restore_revision(entry_id: str, n: int) -> Response:
+async def restore_revision(entry_id: str, n: str) -> Response:
     """Make revision `n` the latest again, saved as a new revision (nothing is lost).
 
     Optional JSON body `{"base_revision": m}` (or `If-Match`): 409 if the entry has moved on.
     """
     body: dict[str, object] = {}
-    if request.content_length or "Transfer-Encoding" in request.headers:
+    if request.content_length != 0 and (
+        request.mimetype or request.content_length or "Transfer-Encoding" in request.headers
+    ):
         body = await read_json_body(request)
     base = _base_revision(body)
+    number = _revision_number(n)
     try:
-        restored = await services().history.restore(entry_id, n, base)
+        restored = await services().history.restore(entry_id, number, base)
     except RevisionConflict as exc:
         return _conflict(exc.current)
     if restored is None:

@@ -20,7 +20,7 @@ from quart import Blueprint, Response, jsonify, make_response
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import formats
-from appliance.api.options import build_options, parse_bool, parse_float
+from appliance.api.options import build_options, parse_bool, parse_float, parse_speakers
 from appliance.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.errors import APIError
 from appliance.jobs import Job
@@ -28,7 +28,7 @@ from appliance.services import services
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 GRANULARITIES = ("word", "segment")
 
 
@@ -37,7 +37,9 @@ class OpenAITranscriptionForm(BaseModel):
     model: str = Field(description="whisper-1 (= default model) or an appliance model name")
     language: str | None = Field(None, description="ISO 639-1 input language")
     prompt: str | None = None
-    response_format: str | None = Field("json", description="json, text, srt, verbose_json, vtt")
+    response_format: str | None = Field(
+        "json", description="json, text, srt, verbose_json, vtt or diarized_json (speakers)"
+    )
     temperature: float | None = Field(None, ge=0, le=1)
     timestamp_granularities: list[str] | None = Field(
         None, alias="timestamp_granularities[]", description="word and/or segment (verbose_json)"
@@ -52,6 +54,12 @@ class OpenAITranscriptionForm(BaseModel):
     word_timestamps: bool | None = Field(
         False, description="Extra: word timestamps (verbose_json then lists words)"
     )
+    diarize: bool | None = Field(
+        False, description="Extra: label speakers (implied by response_format=diarized_json)"
+    )
+    num_speakers: int | None = Field(None, description="Extra: exact number of speakers")
+    min_speakers: int | None = Field(None, description="Extra: at least this many speakers")
+    max_speakers: int | None = Field(None, description="Extra: at most this many speakers")
 
 
 class OpenAITranscription(BaseModel):
@@ -95,16 +103,18 @@ async def _handle(task: str) -> Response:
             "word_timestamps", upload.get("word_timestamps")
         )
         stream = task == "transcribe" and parse_bool("stream", upload.get("stream"))
-        if stream and fmt not in ("json", "text"):
+        if stream and fmt not in ("json", "text", "diarized_json"):
             raise APIError(
                 400,
                 "invalid_request",
-                f"stream=true needs response_format json or text, not {fmt!r}",
+                f"stream=true needs response_format json, text or diarized_json, not {fmt!r}",
             )
         if upload.get("model") is None:
             raise APIError(400, "invalid_request", "the 'model' field is required (e.g. whisper-1)")
         requested = (upload.get("model") or "").strip()
         model = resolve_model(None if requested in ("whisper-1", "") else requested)
+        speakers = parse_speakers(upload.get)
+        speakers["diarize"] = speakers["diarize"] or fmt == "diarized_json"
         options = build_options(
             language=upload.get("language") if task == "transcribe" else None,
             task=task,
@@ -113,6 +123,7 @@ async def _handle(task: str) -> Response:
             temperature=parse_float("temperature", upload.get("temperature"), 0.0, 1.0),
             vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
             hotwords=upload.get("hotwords"),
+            **speakers,
         )
     except APIError:
         upload.discard()
@@ -129,7 +140,35 @@ async def _handle(task: str) -> Response:
         return Response(job.result.text, content_type="text/plain; charset=utf-8")
     if fmt in ("srt", "vtt"):
         return Response(formats.render(job.result, fmt), content_type=formats.EXPORT_FORMATS[fmt])
+    if fmt == "diarized_json":
+        return jsonify(diarized(job))
     return jsonify(formats.verbose(job.result, task=task, words=words))
+
+
+def _diarized_segments(job: Job) -> list[dict[str, Any]]:
+    assert job.result is not None
+    return [
+        {
+            "type": "transcript.text.segment",
+            "id": f"seg_{s.id:03d}",
+            "start": round(s.start, 3),
+            "end": round(s.end, 3),
+            "text": s.text.strip(),
+            "speaker": s.speaker or "Speaker 1",
+        }
+        for s in job.result.segments
+    ]
+
+
+def diarized(job: Job) -> dict[str, Any]:
+    """OpenAI's `diarized_json`: the text and its segments, each with its speaker."""
+    assert job.result is not None
+    return {
+        "task": job.options.task,
+        "duration": round(job.result.duration, 3),
+        "text": job.result.text,
+        "segments": _diarized_segments(job),
+    }
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -174,6 +213,9 @@ async def _stream(job: Job) -> Response:
                 break
             await _changed(changed)
         if job.state.value == "done" and job.result is not None:
+            if job.options.diarize:  # speakers are known once the whole recording is heard
+                for segment in _diarized_segments(job):
+                    yield _sse(segment)
             yield _sse({"type": "transcript.text.done", "text": job.result.text})
             return
         try:

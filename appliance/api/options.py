@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from appliance.engines.base import TranscribeOptions
@@ -70,6 +73,25 @@ def parse_int(name: str, value: str | None, low: int, high: int, default: int) -
     return number
 
 
+MAX_SPEAKERS = 20
+
+
+def parse_speakers(get: Callable[[str], str | None]) -> dict[str, Any]:
+    """`diarize`, `num_speakers`, `min_speakers`, `max_speakers` (form fields or query args)."""
+    values: dict[str, Any] = {"diarize": parse_bool("diarize", get("diarize"))}
+    for name in ("num_speakers", "min_speakers", "max_speakers"):
+        raw = get(name)
+        values[name] = (
+            None if raw is None or not raw.strip() else parse_int(name, raw, 1, MAX_SPEAKERS, 1)
+        )
+    low, high = values["min_speakers"], values["max_speakers"]
+    if low is not None and high is not None and low > high:
+        raise APIError(400, "invalid_request", "min_speakers must not exceed max_speakers")
+    if not values["diarize"] and any(values[n] is not None for n in values if n != "diarize"):
+        values["diarize"] = True  # asking for a number of speakers asks for diarization
+    return values
+
+
 def build_options(
     *,
     language: str | None,
@@ -80,6 +102,10 @@ def build_options(
     hotwords: str | None = None,
     temperature: float | None = None,
     beam_size: int = 5,
+    diarize: bool = False,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
 ) -> TranscribeOptions:
     lang = parse_language(language)
     chosen_task = parse_task(task)
@@ -95,4 +121,8 @@ def build_options(
         hotwords=(hotwords or None),
         temperature=temp,
         beam_size=beam_size,
+        diarize=diarize,
+        num_speakers=num_speakers,
+        min_speakers=min_speakers,
+        max_speakers=max_speakers,
     )

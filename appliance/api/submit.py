@@ -6,7 +6,7 @@ import asyncio
 
 from quart import request
 
-from appliance import audio, outbound
+from appliance import audio, diarize, outbound
 from appliance.engines.base import TranscribeOptions
 from appliance.errors import APIError
 from appliance.jobs import Job, JobStoreError, QueueFullError
@@ -76,6 +76,14 @@ async def submit(
     The upload's temp file belongs to the job from here on; on any refusal it is deleted.
     """
     assert upload.file_path is not None
+    if options.diarize and diarize.find_weights(services().settings.data_dir) is None:
+        upload.discard()
+        raise APIError(
+            503,
+            "diarization_unavailable",
+            "speaker diarization needs the speaker model: run"
+            " `python -m appliance.diarize fetch DATA_DIR` once (README: Who said what)",
+        )
     try:
         info = await asyncio.to_thread(
             audio.probe, upload.file_path, services().settings.max_audio_duration

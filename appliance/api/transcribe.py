@@ -10,7 +10,7 @@ from quart import Blueprint, Response, jsonify, make_response, request
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import formats, webhooks
-from appliance.api.options import build_options, parse_bool
+from appliance.api.options import build_options, parse_bool, parse_speakers
 from appliance.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.errors import APIError
 from appliance.jobs import Job
@@ -41,6 +41,10 @@ class TranscribeForm(BaseModel):
     vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
     prompt: str | None = Field(None, description="Initial prompt (names, spelling)")
     hotwords: str | None = Field(None, description="Words to favour")
+    diarize: bool | None = Field(False, description="Label speakers (who said what)")
+    num_speakers: int | None = Field(None, description="Exact number of speakers, if known")
+    min_speakers: int | None = Field(None, description="At least this many speakers")
+    max_speakers: int | None = Field(None, description="At most this many speakers")
 
 
 class JobView(BaseModel):
@@ -87,6 +91,7 @@ async def _form_job(source: str) -> tuple[Job, str]:
             vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
             prompt=upload.get("prompt"),
             hotwords=upload.get("hotwords"),
+            **parse_speakers(upload.get),
         )
         model = resolve_model(upload.get("model"))
         callback = await webhooks.callback_for(upload.get("callback_url"), services())

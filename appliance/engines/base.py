@@ -33,6 +33,11 @@ class TranscribeOptions:
     temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     beam_size: int = 5
     condition_on_previous_text: bool = True
+    # speaker diarization after transcription (appliance/diarize.py); engines ignore these
+    diarize: bool = False
+    num_speakers: int | None = None
+    min_speakers: int | None = None
+    max_speakers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Word:
     end: float
     word: str
     probability: float
+    speaker: str | None = None  # set by diarization
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Segment:
     compression_ratio: float = 0.0
     temperature: float = 0.0
     tokens: tuple[int, ...] = ()
+    speaker: str | None = None  # set by diarization
 
 
 @dataclass(frozen=True)

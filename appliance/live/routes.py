@@ -169,6 +169,7 @@ class LiveConnection:
     `_live_config`, `_pump`)."""
 
     history_source = "live"
+    awaiting = "no start message"  # what the idle limit waited for before `ready`
 
     def __init__(self, s: Services, reg: LiveRegistry) -> None:
         self.services = s
@@ -246,7 +247,7 @@ class LiveConnection:
 
     def _idle(self) -> Refusal:
         timeout = self.limits["idle_timeout_seconds"]
-        what = "no audio (pings do not count)" if self.ready else "no start message"
+        what = "no audio (pings do not count)" if self.ready else self.awaiting
         return Refusal(
             1001,
             "idle_timeout",

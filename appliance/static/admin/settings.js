@@ -19,6 +19,8 @@ async function load() {
   for (const name of numbers) form.elements[name].value = current[name];
   form.elements.require_api_key.checked = current.require_api_key;
   form.elements.allowed_origins.value = current.allowed_origins.join("\n");
+  form.elements.default_callback_url.value = current.default_callback_url || "";
+  document.getElementById("webhook_secret").value = (settings.webhook || {}).secret || "";
 }
 
 form.addEventListener("submit", async (event) => {
@@ -30,6 +32,7 @@ form.addEventListener("submit", async (event) => {
     max_upload_size: /^\d+$/.test(size) ? Number(size) : size,
     require_api_key: form.elements.require_api_key.checked,
     allowed_origins: form.elements.allowed_origins.value.split(/\s+/).filter(Boolean),
+    default_callback_url: form.elements.default_callback_url.value.trim(),
   };
   for (const name of numbers) wanted[name] = Number(form.elements[name].value);
   const changes = {};

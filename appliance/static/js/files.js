@@ -2,6 +2,7 @@
 // transcription percent (job events), the result with clickable segments, copy, downloads
 // and cancel.
 import { FORMATS, api, clock, copyText, el } from "./dom.js";
+import { keptAudio } from "./editor.js";
 
 const list = () => document.getElementById("file-list");
 let uploads = Promise.resolve(); // one upload at a time; transcription runs in the queue
@@ -135,6 +136,7 @@ class FileCard {
       this.setState("done", `Done — ${result.language}, ${clock(result.duration)}`, 100);
       this.cancelButton.remove();
       this.render(result);
+      if (result.id) keptAudio.set(result.id, this.file); // the editor plays segments from it
       document.dispatchEvent(new CustomEvent("history-changed"));
     } catch (error) {
       this.fail(error.message);

@@ -1,5 +1,6 @@
-// History panel: list (newest first), full-text search, open, export, delete.
+// History panel: list (newest first), full-text search, open, edit, export, delete.
 import { FORMATS, api, clock, duration, el } from "./dom.js";
+import { Editor } from "./editor.js";
 
 const PAGE = 30;
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,7 @@ let query = "";
 let offset = 0;
 let loaded = false;
 let timer = null;
+let editor = null;
 
 function title(item) {
   if (item.filename) return item.filename;
@@ -72,19 +74,68 @@ async function load(reset = true) {
   }
 }
 
+function showEntry(entry) {
+  const names = entry.speakers || {};
+  $("history-dialog-title").textContent = title(entry);
+  $("history-dialog-meta").textContent =
+    `${entry.source} · ${when(entry.created)} · ${duration(entry.duration)} · ${entry.model} · ${entry.language}` +
+    (entry.revision ? ` · edited (revision ${entry.revision})` : "");
+  $("history-dialog-actions").replaceChildren(
+    el("button", { type: "button", id: "history-edit", onclick: () => edit(entry) }, "Edit"),
+    el("span", { class: "muted" }, "Export:"),
+    ...exportLinks(entry),
+  );
+  $("history-dialog-segments").replaceChildren(
+    ...entry.segments.map((s) =>
+      el(
+        "li",
+        {},
+        el("span", { class: "time" }, `${clock(s.start, true)} → ${clock(s.end, true)}`),
+        " ",
+        s.speaker ? el("strong", {}, `${names[s.speaker] || s.speaker}: `) : "",
+        s.text.trim(),
+      ),
+    ),
+  );
+}
+
+function closeEditor() {
+  if (editor) editor.destroy();
+  editor = null;
+  $("history-editor").hidden = true;
+  $("history-dialog-segments").hidden = false;
+  $("history-dialog").classList.remove("editing");
+}
+
+function edit(entry) {
+  closeEditor();
+  $("history-dialog-segments").hidden = true;
+  $("history-editor").hidden = false;
+  $("history-dialog").classList.add("editing");
+  $("history-edit").disabled = true;
+  editor = new Editor($("history-editor"), entry, {
+    onSaved: (saved) => {
+      showEntry(saved);
+      $("history-edit").disabled = true;
+      document.dispatchEvent(new CustomEvent("history-changed"));
+    },
+  });
+  $("history-editor").querySelector("textarea")?.focus();
+}
+
+/** Close the dialog, asking first when the editor has unsaved changes. */
+function mayClose() {
+  if (editor && editor.dirty() && !window.confirm("Close the editor and drop your unsaved edits?")) return false;
+  closeEditor();
+  return true;
+}
+
 async function open(item) {
   const dialog = $("history-dialog");
   try {
     const entry = await api(`/api/history/${item.id}`);
-    $("history-dialog-title").textContent = title(entry);
-    $("history-dialog-meta").textContent =
-      `${entry.source} · ${when(entry.created)} · ${duration(entry.duration)} · ${entry.model} · ${entry.language}`;
-    $("history-dialog-actions").replaceChildren(el("span", { class: "muted" }, "Export:"), ...exportLinks(entry));
-    $("history-dialog-segments").replaceChildren(
-      ...entry.segments.map((s) =>
-        el("li", {}, el("span", { class: "time" }, `${clock(s.start, true)} → ${clock(s.end, true)}`), " ", s.text.trim()),
-      ),
-    );
+    closeEditor();
+    showEntry(entry);
     dialog.showModal();
   } catch (error) {
     $("history-count").textContent = error.message;
@@ -115,7 +166,12 @@ export function initHistory() {
     }, 250);
   });
   $("history-more").addEventListener("click", () => load(false));
-  $("history-dialog-close").addEventListener("click", () => $("history-dialog").close());
+  $("history-dialog-close").addEventListener("click", () => {
+    if (mayClose()) $("history-dialog").close();
+  });
+  $("history-dialog").addEventListener("cancel", (event) => {
+    if (!mayClose()) event.preventDefault();
+  });
   document.addEventListener("panel-shown", (event) => {
     if (event.detail === "history") load();
   });

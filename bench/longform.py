@@ -1,0 +1,298 @@
+"""Long-form section of `make bench`: a recording of several minutes, decoded the ways the
+service can decode a file, next to openai-whisper on the same file.
+
+The recording is assembled from the real speech in `.cache/clips` (JFK and the five LibriVox
+utterances, each with its reference text): the six clips in a new shuffled order per pass,
+separated by pauses of 0.4-3 s of low noise (about -60 dBFS, a quiet room), now and then a long
+pause (8-20 s, digital silence or noise), until it lasts `minutes`. The reference transcript is
+the clips' texts in the same order. It repeats speech (38 s of it), so it measures speed and
+dropped or invented words on long input, not accuracy on varied speech.
+
+Configurations, each in its own `bench.worker` process per round (the engine's own threads;
+both engines use every core):
+
+- `faster-whisper sequential`: `WhisperModel.transcribe` (beam 5, temperature fallback,
+  conditioned on the previous text), as the service decodes with `batched=false`;
+- `faster-whisper batched`: the service's file path (`batched=true`, the default): Silero VAD
+  chunks decoded in batches spread over every core (`appliance.engines.faster_whisper_engine`);
+- `openai-whisper fp32`: the same model converted, `whisper.transcribe` with its defaults.
+
+Every configuration goes through `appliance.engines.windowed.transcribe`, the service's path.
+Reported per configuration: seconds, x realtime, WER against the reference, segments past the
+end of the audio. Ratios: batched vs openai-whisper, batched vs sequential.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import WORK, clips, wer
+
+SAMPLE_RATE = 16_000
+CONFIGS = ("faster-whisper sequential", "faster-whisper batched", "openai-whisper fp32")
+
+
+def _read(path: Path) -> np.ndarray[Any, np.dtype[np.float32]]:
+    with wave.open(str(path)) as w:
+        if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
+            raise SystemExit(f"{path}: expected 16 kHz mono 16-bit")
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    return (data.astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def write_wav(path: Path, audio: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def assemble(
+    minutes: float,
+    *,
+    seed: int = 13,
+    long_pause_every: int = 4,
+    long_pause: tuple[float, float] = (8.0, 20.0),
+    tail_seconds: float = 0.0,
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], str, list[tuple[float, float]]]:
+    """Audio, reference text and the (start, end) of each spoken clip, `minutes` long or more.
+
+    Deterministic for a seed. Every `long_pause_every`-th pause is long, alternately digital
+    silence and low noise; `tail_seconds` of silence end the recording (where a decoder that
+    hallucinates writes its tail).
+    """
+    rng = np.random.default_rng(seed)
+    speech = [(_read(c.path), c.reference) for c in clips()]
+    pieces: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+    texts: list[str] = []
+    spans: list[tuple[float, float]] = []
+    total, count = 0, 0
+    target = round(minutes * 60 * SAMPLE_RATE)
+
+    def pause(seconds: float, silent: bool) -> None:
+        nonlocal total
+        n = round(seconds * SAMPLE_RATE)
+        noise = (
+            np.zeros(n, np.float32)
+            if silent
+            else (rng.standard_normal(n) * 0.001).astype(np.float32)  # about -60 dBFS
+        )
+        pieces.append(noise)
+        total += n
+
+    pause(0.5, False)
+    while total < target:
+        for index in rng.permutation(len(speech)):
+            audio, text = speech[int(index)]
+            spans.append((total / SAMPLE_RATE, (total + audio.shape[0]) / SAMPLE_RATE))
+            pieces.append(audio)
+            texts.append(text)
+            total += audio.shape[0]
+            count += 1
+            if long_pause_every and count % long_pause_every == 0:
+                pause(float(rng.uniform(*long_pause)), silent=count % (2 * long_pause_every) == 0)
+            else:
+                pause(float(rng.uniform(0.4, 3.0)), silent=False)
+            if total >= target:
+                break
+    if tail_seconds:
+        pause(tail_seconds, silent=True)
+    return np.concatenate(pieces), " ".join(texts), spans
+
+
+def recording(minutes: float = 6.0) -> tuple[Path, str]:
+    """The bench's long recording, written once under `.cache/bench/`."""
+    path = WORK / f"longform-{minutes:g}min.wav"
+    ref = path.with_suffix(".txt")
+    if not (path.is_file() and ref.is_file()):
+        audio, text, _spans = assemble(minutes, tail_seconds=20.0)
+        write_wav(path, audio)
+        ref.write_text(text + "\n", encoding="utf-8")
+    return path, ref.read_text(encoding="utf-8").strip()
+
+
+# --- the worker: one configuration, one process ------------------------------------------------
+
+
+def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[str, Any]:
+    import time
+
+    from appliance.engines import windowed
+    from appliance.engines.base import TranscribeOptions
+
+    audio = _read(Path(audio_path))
+    duration = audio.shape[0] / SAMPLE_RATE
+    t0 = time.perf_counter()
+    if config.startswith("openai-whisper"):
+        from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+
+        cache = WORK / "openai-cache"
+        model: Any = OpenAIWhisperEngine(cpu_threads=threads, cache_dir=cache).load(
+            Path(model_dir)
+        )
+        options = TranscribeOptions(language="en")
+    else:
+        from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+
+        model = FasterWhisperEngine("int8", cpu_threads=1, workers=threads).load(Path(model_dir))
+        batched = config.endswith("batched")
+        options = TranscribeOptions(language="en", batched=batched)
+    load_s = time.perf_counter() - t0
+    c0, t1 = time.process_time(), time.perf_counter()
+    _info, segments = windowed.transcribe(model, audio, options)
+    found = list(segments)
+    wall = time.perf_counter() - t1
+    cpu = time.process_time() - c0
+    model.close()
+    return {
+        "config": config,
+        "load_s": load_s,
+        "seconds": wall,
+        "cpu_s": cpu,
+        "duration": duration,
+        "text": "".join(s.text for s in found).strip(),
+        "segments": len(found),
+        "past_end": sum(1 for s in found if s.end > duration + 1e-3),
+        "last_end": max((s.end for s in found), default=0.0),
+    }
+
+
+def run_config(config: str, model_dir: Path, audio: Path, threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.longform",
+                "--worker",
+                config,
+                str(model_dir),
+                str(audio),
+                str(threads),
+                str(out),
+            ],
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+@dataclass
+class LongformSection:
+    """`make bench` section: sequential vs batched vs openai-whisper on one long recording."""
+
+    threads: int
+    model: str = "tiny.en"
+    minutes: float = 6.0
+    title: str = "Long-form recording (batched vs sequential vs openai-whisper)"
+
+    def __post_init__(self) -> None:
+        self.runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+        self.skipped: dict[str, str] = {}
+        self.audio: Path | None = None
+        self.reference = ""
+
+    def setup(self, ctx: Any) -> None:
+        from bench.common import model_dir
+
+        self.audio, self.reference = recording(self.minutes)
+        self.model_dir = model_dir(self.model)
+        try:
+            import whisper  # noqa: F401
+        except ImportError:
+            self.skipped["openai-whisper fp32"] = "openai-whisper is not installed"
+
+    def run_round(self, ctx: Any, index: int) -> None:
+        assert self.audio is not None
+        for config in CONFIGS:
+            if config in self.skipped:
+                continue
+            print(f"longform round {index + 1}: {config}", file=sys.stderr, flush=True)
+            try:
+                self.runs[config].append(
+                    run_config(config, self.model_dir, self.audio, self.threads)
+                )
+            except subprocess.CalledProcessError as exc:
+                self.skipped[config] = f"failed: {exc}"
+
+    def best(self, config: str) -> dict[str, Any] | None:
+        runs = self.runs.get(config) or []
+        return min(runs, key=lambda r: r["seconds"]) if runs else None
+
+    def report(self, ctx: Any) -> str:
+        rows = []
+        duration = 0.0
+        for config in CONFIGS:
+            best = self.best(config)
+            if best is None:
+                rows.append(f"| {config} | — | — | — | — | {self.skipped.get(config, '')} |")
+                continue
+            duration = best["duration"]
+            error = wer([self.reference], [best["text"]])
+            rows.append(
+                f"| {config} | {best['seconds']:.1f} | {duration / best['seconds']:.1f}x | "
+                f"{duration / best['cpu_s']:.1f}x | {error:.1f} % | {best['past_end']} |"
+            )
+        lines = [
+            f"{self.model}, a {duration / 60:.1f}-minute recording assembled from the real clips "
+            "(`bench/longform.py`: the six clips in shuffled passes, pauses of low noise and "
+            "digital silence, 20 s of silence at the end), "
+            f"{self.threads} core(s) for every engine, best of {len(self.runs[CONFIGS[0]])} "
+            "round(s). Every configuration goes through the service's windowed path.",
+            "",
+            "| configuration | seconds | x realtime | x realtime (CPU) | WER | segments past the end |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+        seq, bat, oai = (self.best(c) for c in CONFIGS)
+        if bat is not None:
+            verdicts = []
+            rt = bat["duration"] / bat["seconds"]
+            lines.append("")
+            lines.append(f"- batched file path: **{rt:.1f}x realtime** (target ≥ 30x)")
+            verdicts.append(rt >= 30)
+            if oai is not None:
+                ratio = oai["seconds"] / bat["seconds"]
+                lines.append(f"- batched vs openai-whisper: **{ratio:.1f}x faster** (target ≥ 10x)")
+                verdicts.append(ratio >= 10)
+            if seq is not None:
+                bat_wer = wer([self.reference], [bat["text"]])
+                seq_wer = wer([self.reference], [seq["text"]])
+                lines.append(
+                    f"- batched vs sequential: {seq['seconds'] / bat['seconds']:.1f}x faster, "
+                    f"WER {bat_wer:.1f} % vs {seq_wer:.1f} % (target ≤ sequential + 1 pt)"
+                )
+                verdicts.append(bat_wer <= seq_wer + 1.0)
+            past = sum(r["past_end"] for c in CONFIGS for r in self.runs[c])
+            lines.append(f"- segments past the end of the audio, all runs: {past}")
+            ctx.verdicts.append(("long-form", all(verdicts) and past == 0))
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--worker"]:
+        config, model_dir, audio, threads, out = argv[1:6]
+        result = _worker(config, model_dir, audio, int(threads))
+        Path(out).write_text(json.dumps(result))
+        return 0
+    raise SystemExit("run through `python -m bench.run --sections longform`")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""Webhooks (issue 15) on a real server: a local receiver verifies the HMAC signature, a
+flaky one gets its third attempt after backoff-shaped waits, a delivery survives a restart,
+and loopback, link-local and the appliance's own addresses are refused unless allowed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from quart import Quart
+
+from appliance import outbound, webhooks
+from appliance.config import Settings
+from tests.conftest import JFK_TEXT, Server, start_server, stop_server
+from tests.test_admin import Admin
+from tests.test_auth import admin_password, login
+from tests.wer import wer
+
+ALLOW_LOOPBACK = {
+    "OUTBOUND_ALLOWED_NETWORKS": "127.0.0.1/32",
+    "WEBHOOK_RETRY_SECONDS": "0.4",
+    "WEBHOOK_MAX_ATTEMPTS": "4",
+}
+
+
+@dataclass
+class Hit:
+    at: float
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    url: str
+    hits: list[Hit] = field(default_factory=list)
+    # path -> statuses to answer in turn (the last one repeats)
+    script: dict[str, list[int]] = field(default_factory=dict)
+
+    def wait(self, path: str, count: int, timeout: float = 60) -> list[Hit]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [h for h in self.hits if h.path == path]
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{path}: {len(self.hits)} hit(s), wanted {count}")
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    state = Receiver("")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            state.hits.append(Hit(time.monotonic(), self.path, dict(self.headers), body))
+            statuses = state.script.get(self.path, [204])
+            status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def allowing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that may call back to 127.0.0.1 (where the tests' receivers live)."""
+    srv = start_server(tmp_path_factory.mktemp("webhooks") / "data", env=ALLOW_LOOPBACK)
+    yield srv
+    stop_server(srv)
+
+
+def post_job(server: Server, wav: Path, route: str = "/api/jobs", **fields: str) -> httpx.Response:
+    with wav.open("rb") as f:
+        return httpx.post(
+            f"{server.url}{route}", files={"file": (wav.name, f)}, data=fields, timeout=120
+        )
+
+
+def job_when(server: Server, job_id: str, done: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = httpx.get(f"{server.url}/api/jobs/{job_id}", timeout=10).json()
+        if done(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id}: {job}")
+
+
+def verify(secret: str, hit: Hit, tolerance: float = 300) -> dict[str, Any]:
+    """What a receiver does (the README's recipe)."""
+    timestamp = hit.headers["X-Whisper-Timestamp"]
+    assert abs(time.time() - int(timestamp)) <= tolerance, "replayed or clock skew"
+    expected = hmac.new(
+        secret.encode(), timestamp.encode() + b"." + hit.body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(hit.headers["X-Whisper-Signature"], f"sha256={expected}")
+    body: dict[str, Any] = json.loads(hit.body)
+    return body
+
+
+def test_signed_result_is_delivered(allowing: Server, receiver: Receiver, jfk_wav: Path) -> None:
+    response = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/ok")
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    (hit,) = receiver.wait("/ok", 1)
+    secret = (allowing.data_dir / "webhook-secret").read_text().strip()
+    assert len(secret) == 64
+    assert (allowing.data_dir / "webhook-secret").stat().st_mode & 0o777 == 0o600
+    body = verify(secret, hit)
+    assert body["event"] == "job.finished"
+    assert body["job_id"] == job_id and body["state"] == "done"
+    assert wer(JFK_TEXT, body["result"]["text"]) == 0.0
+    assert body["result"]["segments"]
+    assert hit.headers["Content-Type"] == "application/json"
+    assert hit.headers["X-Whisper-Job"] == job_id
+    assert hit.headers["Host"] == receiver.url.removeprefix("http://")
+    # a forged or altered body does not verify
+    with pytest.raises(AssertionError):
+        verify(secret, Hit(hit.at, hit.path, hit.headers, hit.body + b" "))
+    job = job_when(allowing, job_id, lambda j: j["callback_state"] == "delivered")
+    (attempt,) = job["callbacks"]
+    assert attempt["status"] == 204 and attempt["attempt"] == 1
+    assert "error" not in attempt
+    assert "webhook of job " + job_id in allowing.output()
+
+
+def test_failing_receiver_gets_the_third_attempt(
+    allowing: Server, receiver: Receiver, jfk_wav: Path
+) -> None:
+    receiver.script["/flaky"] = [500, 503, 200]
+    response = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/flaky")
+    job_id = response.json()["id"]
+    hits = receiver.wait("/flaky", 3)
+    first, second = hits[1].at - hits[0].at, hits[2].at - hits[1].at
+    # WEBHOOK_RETRY_SECONDS=0.4: waits of 0.4 s, then 0.8 s
+    assert 0.35 <= first < 0.8, first
+    assert 0.75 <= second < 1.6, second
+    assert second > 1.5 * first
+    secret = (allowing.data_dir / "webhook-secret").read_text().strip()
+    assert len({verify(secret, h)["job_id"] for h in hits}) == 1  # the same body each time
+    assert [h.headers["X-Whisper-Attempt"] for h in hits] == ["1", "2", "3"]
+    job = job_when(allowing, job_id, lambda j: j["callback_state"] == "delivered")
+    assert [a["status"] for a in job["callbacks"]] == [500, 503, 200]
+    assert [a.get("error") for a in job["callbacks"]] == ["HTTP 500", "HTTP 503", None]
+    times = [a["time"] for a in job["callbacks"]]
+    assert times == sorted(times)
+    assert "attempt 1/4 failed: HTTP 500" in allowing.output()
+
+
+def test_unreachable_receiver_is_given_up(
+    allowing: Server, receiver: Receiver, jfk_wav: Path
+) -> None:
+    receiver.script["/down"] = [500]
+    job_id = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/down").json()["id"]
+    job = job_when(allowing, job_id, lambda j: j["callback_state"] == "failed")
+    assert len(job["callbacks"]) == 4
+    assert len(receiver.wait("/down", 4)) == 4
+    assert "given up after 4 attempts" in allowing.output()
+
+
+def test_callback_url_is_checked_when_the_job_is_sent(allowing: Server, jfk_wav: Path) -> None:
+    for url, code in [
+        ("ftp://example.org/x", "invalid_callback_url"),
+        ("not a url", "invalid_callback_url"),
+        ("http://169.254.169.254/latest/meta-data", "callback_url_refused"),
+        ("http://[::1]:9/", "callback_url_refused"),
+        ("http://0.0.0.0:9/", "callback_url_refused"),
+    ]:
+        response = post_job(allowing, jfk_wav, callback_url=url)
+        assert response.status_code == 400, (url, response.text)
+        assert response.json()["error"]["code"] == code, url
+    assert list((allowing.data_dir / "tmp").iterdir()) == []
+
+
+def test_loopback_is_refused_by_default(tmp_path: Path, receiver: Receiver, jfk_wav: Path) -> None:
+    srv = start_server(tmp_path / "data")
+    try:
+        for route in ("/api/jobs", "/transcribe"):
+            response = post_job(srv, jfk_wav, route, callback_url=f"{receiver.url}/never")
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "callback_url_refused"
+            assert "loopback" in error["message"]
+            assert "OUTBOUND_ALLOWED_NETWORKS" in error["message"]
+    finally:
+        stop_server(srv)
+    assert not [h for h in receiver.hits if h.path == "/never"]
+
+
+def test_delivery_survives_a_restart(tmp_path: Path, receiver: Receiver, jfk_wav: Path) -> None:
+    env = {**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "4"}
+    receiver.script["/later"] = [500, 500, 200]
+    srv = start_server(tmp_path / "data", env=env)
+    try:
+        job_id = post_job(srv, jfk_wav, callback_url=f"{receiver.url}/later").json()["id"]
+        receiver.wait("/later", 1)
+        job_when(srv, job_id, lambda j: len(j["callbacks"]) == 1)
+    finally:
+        stop_server(srv)  # during the 4 s wait before the second attempt
+    assert len(receiver.wait("/later", 1)) == 1
+    srv = start_server(tmp_path / "data", env={**env, "WEBHOOK_RETRY_SECONDS": "0.2"})
+    try:
+        job = job_when(srv, job_id, lambda j: j["callback_state"] == "delivered")
+        assert [a["status"] for a in job["callbacks"]] == [500, 500, 200]
+        assert "webhook delivery(ies) from before the restart resumed" in srv.output()
+    finally:
+        stop_server(srv)
+
+
+def test_address_policy() -> None:
+    default = outbound.Policy()
+    ip = ipaddress.ip_address
+    for refused in (
+        "127.0.0.1",
+        "::1",
+        "169.254.169.254",
+        "fe80::1",
+        "224.0.0.1",
+        "0.0.0.0",  # noqa: S104
+        "::",
+        "::ffff:127.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+    ):
+        assert default.refusal(ip(refused)) is not None, refused
+    for allowed in ("10.1.2.3", "192.168.1.20", "172.16.0.5", "fd00::5", "8.8.8.8"):
+        assert default.refusal(ip(allowed)) is None, allowed
+    own = next(
+        (
+            a
+            for a in outbound.own_addresses()
+            if a.is_private and not a.is_link_local and not a.is_loopback
+        ),
+        None,
+    )
+    if own is not None:
+        assert default.refusal(own) == "an address of this appliance"
+    public_only = outbound.Policy(allow_private=False)
+    assert public_only.refusal(ip("192.168.1.20")) is not None
+    assert public_only.refusal(ip("8.8.8.8")) is None
+    loopback_ok = outbound.Policy(allowed=(ipaddress.ip_network("127.0.0.1/32"),))
+    assert loopback_ok.refusal(ip("127.0.0.1")) is None
+    assert loopback_ok.refusal(ip("127.0.0.2")) is not None
+
+
+def test_signature_recipe() -> None:
+    body = b'{"job_id": "x"}'
+    expected = hmac.new(b"k" * 64, b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert webhooks.sign("k" * 64, 1700000000, body) == f"sha256={expected}"
+
+
+async def test_admin_shows_the_secret_and_default_url(app: Quart, settings: Settings) -> None:
+    admin = Admin(app.test_client(), "")
+    admin = Admin(admin.client, await login(admin.client, admin_password(settings)))
+    code, described = await admin.call("GET", "/admin/api/settings")
+    assert code == 200
+    secret = (settings.data_dir / "webhook-secret").read_text().strip()
+    assert described["webhook"]["secret"] == secret
+    assert described["webhook"]["signature_header"] == "X-Whisper-Signature"
+    assert described["values"]["default_callback_url"] == ""
+    url = "http://homeassistant.lan:8123/api/webhook/whisper"
+    code, described = await admin.call(
+        "PUT", "/admin/api/settings", json={"default_callback_url": url}
+    )
+    assert code == 200 and described["values"]["default_callback_url"] == url
+    code, body = await admin.call(
+        "PUT", "/admin/api/settings", json={"default_callback_url": "file:///etc/passwd"}
+    )
+    assert code == 400 and body["error"]["code"] == "invalid_setting"
