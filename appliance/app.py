@@ -137,6 +137,10 @@ def create_app(settings: Settings | None = None) -> Quart:
             from appliance import wyoming_server
 
             services.extras["wyoming"] = await wyoming_server.start(services)
+        if settings.watch_dir is not None:  # issue 15: the inbox folder (WATCH_DIR)
+            from appliance import inbox
+
+            services.extras["inbox"] = await inbox.start(services)
 
     @app.after_serving
     async def _shutdown() -> None:
@@ -145,6 +149,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         wyoming = services.extras.get("wyoming")
         if wyoming is not None:  # first: its requests hold models and wait for jobs
             await wyoming.stop()
+        inbox = services.extras.get("inbox")
+        if inbox is not None:  # before the jobs: its claims resume at the next start
+            await inbox.stop()
         await services.jobs.stop()
         services.models.close()
         await services.db.close()

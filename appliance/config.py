@@ -140,6 +140,28 @@ def _networks(text: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+WATCH_FORMATS = ("txt", "srt", "vtt", "tsv", "json")
+
+
+def _watch_formats(text: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(item.lower() for item in _csv(text)))
+    unknown = [v for v in values if v not in WATCH_FORMATS]
+    if unknown or not values:
+        raise ValueError(f"expected a comma list of {', '.join(WATCH_FORMATS)}, got {text!r}")
+    return values
+
+
+def _language(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("", "auto"):
+        return ""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES  # only when one is set
+
+    if value not in _LANGUAGE_CODES:
+        raise ValueError(f"expected a language code such as en or de, or empty, got {text!r}")
+    return value
+
+
 def _model_name(text: str) -> str:
     value = text.strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
@@ -418,6 +440,50 @@ class Settings:
         _seconds(0.01, 3600),
         10,
         "Wait before the 2nd webhook attempt; doubled before each next one (10, 20, 40, 80 s)",
+    )
+    # --- inbox (issue 15): a watched folder, appliance/inbox.py; the inbox_share role shares it
+    watch_dir: Path | None = _env(
+        "WATCH_DIR",
+        _optional_path,
+        None,
+        "Folder watched for audio files, transcribed into its done/ (failed/ with the reason); "
+        "empty = off",
+    )
+    watch_model: str = _env(
+        "WATCH_MODEL",
+        lambda t: _model_name(t) if t.strip() else "",
+        "",
+        "Model for WATCH_DIR files; empty = the default model",
+    )
+    watch_language: str = _env(
+        "WATCH_LANGUAGE",
+        _language,
+        "",
+        "Language of WATCH_DIR files (en, de, ...); empty = detected per file",
+    )
+    watch_formats: tuple[str, ...] = _env(
+        "WATCH_FORMATS",
+        _watch_formats,
+        ("txt", "srt"),
+        "Results written for each WATCH_DIR file (comma list of txt, srt, vtt, tsv, json)",
+    )
+    watch_diarize: bool = _env(
+        "WATCH_DIARIZE",
+        parse_bool,
+        False,
+        "Label speakers in WATCH_DIR results (needs the speaker model, see Who said what)",
+    )
+    watch_settle_seconds: float = _env(
+        "WATCH_SETTLE_SECONDS",
+        _seconds(0.1, 3600),
+        10,
+        "A WATCH_DIR file is taken once its size and time stayed unchanged this long (copy done)",
+    )
+    watch_poll_seconds: float = _env(
+        "WATCH_POLL_SECONDS",
+        _seconds(0.05, 60),
+        2,
+        "How often WATCH_DIR is scanned, in seconds",
     )
 
     @property

@@ -54,7 +54,7 @@ N_FFT = 400  # 25 ms
 HOP = 160  # 10 ms
 N_MELS = 40
 WINDOW_FRAMES = 160  # 1.6 s, the encoder's training length
-HOP_FRAMES = 40
+HOP_FRAMES = 60  # 0.6 s
 MIN_FRAMES = 40  # speech shorter than 0.4 s gets no embedding of its own
 # Average-linkage cosine distance at which clusters stop merging (tuned on the AMI excerpts of
 # pyannote.audio's sdist and jfk.wav, see bench/diarize_bench.py)
@@ -291,23 +291,27 @@ def mel_spectrogram(audio: Audio) -> FloatArray:
 _MEL = _mel_filters()
 
 
-def _sigmoid(x: FloatArray) -> FloatArray:
-    out: FloatArray = 0.5 * (np.tanh(0.5 * x) + 1.0)
-    return out
-
-
 class SpeakerEncoder:
     """Resemblyzer's VoiceEncoder forward pass in numpy."""
 
     def __init__(self, weights: dict[str, FloatArray]) -> None:
-        self.layers = [
-            (
-                np.ascontiguousarray(weights[f"lstm.weight_ih_l{i}"].T),
-                np.ascontiguousarray(weights[f"lstm.weight_hh_l{i}"].T),
-                weights[f"lstm.bias_ih_l{i}"] + weights[f"lstm.bias_hh_l{i}"],
+        # PyTorch's gates are (input, forget, cell, output); reorder them to (i, f, o, g) and
+        # halve the sigmoid gates' weights, so that one tanh over all four gates gives
+        # sigmoid(x) = (tanh(x / 2) + 1) / 2 for the first three and tanh(x) for the last
+        self.layers = []
+        for i in range(3):
+            w_ih, w_hh = weights[f"lstm.weight_ih_l{i}"], weights[f"lstm.weight_hh_l{i}"]
+            bias = weights[f"lstm.bias_ih_l{i}"] + weights[f"lstm.bias_hh_l{i}"]
+            hidden = w_hh.shape[1]
+            order = np.r_[0 : 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
+            scale = np.r_[np.full(3 * hidden, 0.5), np.ones(hidden)].astype(np.float32)
+            self.layers.append(
+                (
+                    np.ascontiguousarray((w_ih[order] * scale[:, None]).T),
+                    np.ascontiguousarray((w_hh[order] * scale[:, None]).T),
+                    (bias[order] * scale).astype(np.float32),
+                )
             )
-            for i in range(3)
-        ]
         self.linear_w = np.ascontiguousarray(weights["linear.weight"].T)
         self.linear_b = weights["linear.bias"]
 
@@ -327,15 +331,18 @@ class SpeakerEncoder:
             proj = (x.reshape(batch * steps, -1) @ w_ih + bias).reshape(batch, steps, -1)
             h = np.zeros((batch, hidden), np.float32)
             c = np.zeros((batch, hidden), np.float32)
+            gates = np.empty((batch, 4 * hidden), np.float32)
             outputs = np.empty((batch, steps, hidden), np.float32)
             for t in range(steps):
-                gates = proj[:, t] + h @ w_hh
-                i = _sigmoid(gates[:, :hidden])
-                f = _sigmoid(gates[:, hidden : 2 * hidden])
-                g = np.tanh(gates[:, 2 * hidden : 3 * hidden])
-                o = _sigmoid(gates[:, 3 * hidden :])
-                c = f * c + i * g
-                h = o * np.tanh(c)
+                np.matmul(h, w_hh, out=gates)
+                gates += proj[:, t]
+                np.tanh(gates, out=gates)
+                sig = gates[:, : 3 * hidden]
+                sig *= 0.5
+                sig += 0.5
+                c *= gates[:, hidden : 2 * hidden]
+                c += gates[:, :hidden] * gates[:, 3 * hidden :]
+                h = gates[:, 2 * hidden : 3 * hidden] * np.tanh(c)
                 outputs[:, t] = h
             x = outputs
         embeds = np.maximum(x[:, -1] @ self.linear_w + self.linear_b, 0.0)

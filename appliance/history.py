@@ -122,6 +122,66 @@ MIGRATIONS = [
         WHERE id = new.entry_id;
     END;
     """,
+    # issue 15: files dropped into WATCH_DIR (appliance/inbox.py) are transcribed as 'inbox'.
+    # The table is rebuilt as in version 2; the revision triggers name `transcripts` in their
+    # bodies, so they are dropped first (a rename re-parses them) and made again after.
+    """
+    DROP TRIGGER transcript_revisions_original;
+    DROP TRIGGER transcript_revisions_latest;
+    CREATE TABLE transcripts_v3 (
+        id TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL,
+        source TEXT NOT NULL
+            CHECK (source IN ('upload', 'api', 'live', 'asr', 'wyoming', 'realtime', 'inbox')),
+        filename TEXT NOT NULL DEFAULT '',
+        duration REAL NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        language TEXT NOT NULL DEFAULT '',
+        task TEXT NOT NULL DEFAULT 'transcribe',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        timings TEXT NOT NULL DEFAULT '{}',
+        revision INTEGER NOT NULL DEFAULT 0,
+        speakers TEXT NOT NULL DEFAULT '{}'
+    );
+    INSERT INTO transcripts_v3 (rowid, id, created, source, filename, duration, model, language,
+        task, text, segments, timings, revision, speakers)
+    SELECT rowid, id, created, source, filename, duration, model, language, task, text,
+        segments, timings, revision, speakers FROM transcripts;
+    DROP TABLE transcripts;
+    ALTER TABLE transcripts_v3 RENAME TO transcripts;
+    CREATE INDEX transcripts_created ON transcripts(created);
+    CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
+        INSERT INTO transcripts_fts(rowid, text, filename)
+        VALUES (new.rowid, new.text, new.filename);
+    END;
+    CREATE TRIGGER transcripts_ad AFTER DELETE ON transcripts BEGIN
+        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
+        VALUES ('delete', old.rowid, old.text, old.filename);
+    END;
+    CREATE TRIGGER transcripts_au AFTER UPDATE OF text, filename ON transcripts BEGIN
+        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
+        VALUES ('delete', old.rowid, old.text, old.filename);
+        INSERT INTO transcripts_fts(rowid, text, filename)
+        VALUES (new.rowid, new.text, new.filename);
+    END;
+    CREATE TRIGGER transcripts_ad_revisions AFTER DELETE ON transcripts BEGIN
+        DELETE FROM transcript_revisions WHERE entry_id = old.id;
+    END;
+    CREATE TRIGGER transcript_revisions_original BEFORE INSERT ON transcript_revisions
+    WHEN new.revision = 1 BEGIN
+        INSERT OR IGNORE INTO transcript_revisions
+            (entry_id, revision, created, note, text, segments, speakers)
+        SELECT id, 0, created, 'original', text, segments, speakers
+        FROM transcripts WHERE id = new.entry_id;
+    END;
+    CREATE TRIGGER transcript_revisions_latest AFTER INSERT ON transcript_revisions
+    WHEN new.revision > 0 BEGIN
+        UPDATE transcripts SET text = new.text, segments = new.segments,
+            speakers = new.speakers, revision = new.revision
+        WHERE id = new.entry_id;
+    END;
+    """,
 ]
 
 _COLUMNS = "id, created, source, filename, duration, model, language, task, text, revision"
@@ -131,8 +191,10 @@ MAX_SEGMENTS = 10_000
 MAX_SEGMENT_TEXT = 2_000
 MAX_TOTAL_TEXT = 1_000_000
 MAX_SPEAKERS = 100
+MAX_REVISIONS = 100  # kept per entry besides the original
 MAX_SPEAKER_LABEL = 100
 _SEGMENT_FIELDS = {f.name for f in fields(Segment)}
+_WORD_FIELDS = {f.name for f in fields(Word)}
 Rows = list[dict[str, Any]]
 
 
@@ -145,7 +207,9 @@ def segments_from_json(data: str) -> list[Segment]:
     release whose `Segment` has no such field) are left out rather than refused."""
     out = []
     for raw in json.loads(data):
-        words = tuple(Word(**w) for w in raw.pop("words", ()))
+        words = tuple(
+            Word(**{k: v for k, v in w.items() if k in _WORD_FIELDS}) for w in raw.pop("words", ())
+        )
         raw["tokens"] = tuple(raw.get("tokens", ()))
         known = {k: v for k, v in raw.items() if k in _SEGMENT_FIELDS}
         out.append(Segment(words=words, **known))
@@ -494,9 +558,16 @@ class History:
                 base_revision,
             ),
         )
-        await self.db.conn.commit()
         if cur.rowcount == 1:
+            # storage stays bounded: the original and the latest MAX_REVISIONS edits
+            await self.db.conn.execute(
+                "DELETE FROM transcript_revisions WHERE entry_id = ? AND revision > 0"
+                " AND revision <= ?",
+                (entry_id, base_revision + 1 - MAX_REVISIONS),
+            )
+            await self.db.conn.commit()
             return base_revision + 1
+        await self.db.conn.commit()
         current = await self._current_revision(entry_id)
         if current is None:
             return None

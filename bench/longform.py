@@ -66,8 +66,8 @@ def assemble(
     long_pause_every: int = 4,
     long_pause: tuple[float, float] = (8.0, 20.0),
     tail_seconds: float = 0.0,
-) -> tuple[np.ndarray[Any, np.dtype[np.float32]], str, list[tuple[float, float]]]:
-    """Audio, reference text and the (start, end) of each spoken clip, `minutes` long or more.
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], str, list[tuple[float, float, str]]]:
+    """Audio, reference text and the (start, end, text) of each spoken clip, `minutes` long or more.
 
     Deterministic for a seed. Every `long_pause_every`-th pause is long, alternately digital
     silence and low noise; `tail_seconds` of silence end the recording (where a decoder that
@@ -77,7 +77,7 @@ def assemble(
     speech = [(_read(c.path), c.reference) for c in clips()]
     pieces: list[np.ndarray[Any, np.dtype[np.float32]]] = []
     texts: list[str] = []
-    spans: list[tuple[float, float]] = []
+    spans: list[tuple[float, float, str]] = []
     total, count = 0, 0
     target = round(minutes * 60 * SAMPLE_RATE)
 
@@ -96,7 +96,7 @@ def assemble(
     while total < target:
         for index in rng.permutation(len(speech)):
             audio, text = speech[int(index)]
-            spans.append((total / SAMPLE_RATE, (total + audio.shape[0]) / SAMPLE_RATE))
+            spans.append((total / SAMPLE_RATE, (total + audio.shape[0]) / SAMPLE_RATE, text))
             pieces.append(audio)
             texts.append(text)
             total += audio.shape[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bench.common import ROOT, Clip, clips
+from bench.diarize_bench import DiarizationSection
 from bench.engines import EnginesSection
 from bench.live import LiveSection
 from bench.service import ServiceSection
@@ -51,7 +52,7 @@ class Section(Protocol):
     def close(self) -> None: ...
 
 
-SECTIONS = ("engines", "service", "live", "wyoming")
+SECTIONS = ("engines", "service", "live", "wyoming", "diarization")
 
 
 def build_sections(names: list[str], models: list[str], threads: int) -> list[Section]:
@@ -61,6 +62,7 @@ def build_sections(names: list[str], models: list[str], threads: int) -> list[Se
         "service": ServiceSection(threads),
         "live": LiveSection(),
         "wyoming": WyomingSection(),  # Home Assistant: ours vs wyoming-faster-whisper
+        "diarization": DiarizationSection(),  # issue 15: DER and its cost
     }
     return [available[n] for n in SECTIONS if n in names]
 

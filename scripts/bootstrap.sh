@@ -30,7 +30,7 @@ if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core 
 if [ "${WITH_CONTAINER:-0}" = 1 ]; then APT_PACKAGES+=(podman runc mmdebstrap uidmap); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
   APT_PACKAGES+=(lxc lxc-templates mmdebstrap uidmap nftables iproute2 zstd openssh-client openssl whiptail
-    shfmt curl)
+    shfmt curl smbclient)
 fi
 if [ "${1:-}" = --print-packages ]; then printf '%s\n' "${APT_PACKAGES[@]}" | sort -u; exit 0; fi
 missing=()

@@ -14,6 +14,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from appliance import formats
+from appliance import history as history_module
 from appliance.db import Database
 from appliance.engines.base import Segment, Transcript, Word
 from appliance.history import MIGRATIONS, History
@@ -359,3 +360,19 @@ async def test_random_edits_never_break_the_server(client: Client, entry_id: str
         assert response.status_code == 404
         response = await client.post(f"/api/history/{entry_id}/revisions/{bad}/restore")
         assert response.status_code == 404
+
+
+async def test_the_original_and_the_latest_revisions_are_kept(
+    app: Quart, entry_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history_module, "MAX_REVISIONS", 3)
+    history: History = app.extensions["appliance"].history
+    for n in range(5):
+        segments = [{"id": 0, "start": 0.0, "end": 1.0, "text": f" take {n}"}]
+        assert await history.save_revision(entry_id, n, segments, {}) == n + 1
+    revisions = await history.revisions(entry_id)
+    assert revisions is not None
+    assert [r["revision"] for r in revisions] == [0, 3, 4, 5]
+    assert await history.revision(entry_id, 2) is None
+    original = await history.revision(entry_id, 0)
+    assert original is not None and original["text"].startswith("the quick brown fox")

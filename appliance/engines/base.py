@@ -33,6 +33,9 @@ class TranscribeOptions:
     temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     beam_size: int = 5
     condition_on_previous_text: bool = True
+    # Long files: VAD-chunked batched decoding (faster-whisper), spread over every core the
+    # job may use. False: Whisper's sequential decoding (see README, "Models").
+    batched: bool = True
     # speaker diarization after transcription (appliance/diarize.py); engines ignore these
     diarize: bool = False
     num_speakers: int | None = None

@@ -14,6 +14,17 @@ blocking) and applied (`complete`):
 - slot `partial`: a partial when enough new audio came in — skipped while finals are behind
   (`lag_seconds`) or audio waits: audio is never dropped, partials are what gives way.
 
+Sentence commits (the local-agreement policy of whisper_streaming): partials and speculations
+are decoded with word timings; when two successive decodes of the open utterance agree on a
+prefix that ends a sentence and the newer one has words after it, that sentence is emitted as
+a `final` (reason `sentence`, the agreed text) at once and the utterance goes on from the gap
+after it as a new one. Long conversational turns, whose pauses are too short to close an
+utterance, thus get their finals sentence by sentence instead of at the `max_utterance` cut.
+
+Degrading under load: when finals fall `degrade_lag_seconds` behind (before `lag`), the
+session sets `degraded` for a while: finals are decoded greedily instead of with beam search
+and partials come half as often.
+
 `step` runs one planned decode synchronously (tests). `LiveSession` drives a transcriber from
 asyncio: `feed` is called by whoever receives audio; `run` feeds the VAD and decodes in worker
 threads (so speech ends are seen while a decode runs) and hands messages to `emit`. By default
@@ -60,6 +71,9 @@ class LiveConfig:
     partial_interval_seconds: float = 0.7
     speculate_after_seconds: float = 0.06
     split_search_seconds: float = 3.0
+    sentence_commits: bool = True
+    sentence_min_seconds: float = 0.8  # no sentence final shorter than this
+    sentence_any_gap_seconds: float = 6.0  # past this, cut at a word gap the VAD did not see
 
 
 def _sec(samples: int) -> float:
@@ -73,6 +87,17 @@ def _norm(word: str) -> str:
     return _NORMALIZE.sub("", word.lower())
 
 
+SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01")
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "prof"})
+
+
+def _ends_sentence(word: str) -> bool:
+    word = word.strip().rstrip("\"')\u201d")
+    if not word.endswith(SENTENCE_ENDS) or _norm(word) in ABBREVIATIONS:
+        return False
+    return not (len(_norm(word)) == 1 and word.endswith("."))  # an initial: "J."
+
+
 class Agreement:
     """Stable-prefix agreement: words two successive hypotheses agree on are committed.
 
@@ -83,6 +108,16 @@ class Agreement:
     def __init__(self) -> None:
         self.committed: list[str] = []
         self._previous: list[str] | None = None
+
+    @property
+    def previous(self) -> list[str] | None:
+        """The words of the previous hypothesis."""
+        return self._previous
+
+    def seed(self, words: list[str]) -> None:
+        """Start over with `words` as the previous hypothesis (the rest after a commit)."""
+        self.committed = []
+        self._previous = words or None
 
     def update(self, text: str) -> tuple[str, str]:
         words = text.split()
@@ -141,6 +176,8 @@ class DecodeJob:
     end: int = 0
     speech_end: int = 0
     arrived: float | None = None  # wall time the audio up to `end` had arrived
+    words: bool = False  # word timings (for sentence commits)
+    beam_size: int | None = None  # None: the decoder's default for the kind
 
 
 @dataclass
@@ -182,6 +219,9 @@ class LiveTranscriber:
         self._last_partial_seconds = 0.0
         self._finals_running: dict[int, int] = {}  # speech end -> utterance index
         self.language = decoder.language or ""
+        self.degraded = False  # set by the driver under load: greedy finals, fewer partials
+        self.degraded_decodes = 0
+        self.sentence_finals = 0
 
     # --- audio in ---------------------------------------------------------------------------
     def feed(self, samples: Samples, arrived: float | None = None) -> list[Message]:
@@ -328,7 +368,18 @@ class LiveTranscriber:
             return False
         # slower decodes (a busy machine) space partials out, leaving the CPU to finals
         interval = max(cfg.partial_interval_seconds, 2 * self._last_partial_seconds)
+        if self.degraded:
+            interval *= 2
+        elif self._sentence_pending(utt):
+            # the last decode ended a sentence with words after it: confirm it soon
+            interval = min(interval, cfg.first_partial_seconds)
         return self.position - utt.last_partial_end >= interval * SAMPLE_RATE
+
+    def _sentence_pending(self, utt: Utterance) -> bool:
+        previous = self.agreement.previous
+        if not self.config.sentence_commits or not previous:
+            return False
+        return any(_ends_sentence(w) for w in previous[len(self.agreement.committed) : -1])
 
     def has_work(self, skip_partials: bool = False) -> bool:
         return bool(
@@ -367,7 +418,7 @@ class LiveTranscriber:
                 if self.closed:
                     closed = self.closed.popleft()
                     self._finals_running[closed.speech_end] = closed.index
-                    return DecodeJob("final", closed.audio, closed=closed)
+                    return DecodeJob("final", closed.audio, closed=closed, beam_size=self._beam())
                 if utt is not None and self._speculation_due():
                     pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
                     end = min(utt.last_speech_end + pad, self.position)
@@ -379,6 +430,8 @@ class LiveTranscriber:
                         end=end,
                         speech_end=utt.last_speech_end,
                         arrived=self.arrival(end),
+                        words=True,
+                        beam_size=self._beam(),
                     )
                 return None
             if utt is not None and self._partial_due():
@@ -391,14 +444,24 @@ class LiveTranscriber:
                     utterance=utt,
                     end=end,
                     arrived=self.arrival(end),
+                    words=self.config.sentence_commits,
                 )
             return None
+
+    def _beam(self) -> int | None:
+        """Greedy finals while degraded (counted), else the decoder's beam."""
+        if self.degraded:
+            self.degraded_decodes += 1
+            return 1
+        return None
 
     def decode(self, job: DecodeJob) -> Hypothesis:
         """Blocking; safe to run for a `main` and a `partial` job at once."""
         if job.closed is not None and job.closed.speculation is not None:
             return job.closed.speculation  # the speculative decode already is the final
-        return self.decoder.decode(job.audio, final=job.kind != "partial")
+        return self.decoder.decode(
+            job.audio, final=job.kind != "partial", words=job.words, beam_size=job.beam_size
+        )
 
     def complete(self, job: DecodeJob, hyp: Hypothesis) -> list[Message]:
         with self.lock:
@@ -426,7 +489,113 @@ class LiveTranscriber:
                 utt.speculation = (job.speech_end, hyp)
             if utt is not self.utterance:
                 return []  # the utterance ended meanwhile: its final replaces this partial
+            committed = self._commit_sentence(utt, hyp, job)
+            if committed is not None:
+                return committed
             return self._partial(utt, hyp, job.end, job.arrived)
+
+    def _sentence_cut(self, utt: Utterance, last: Word, following: Word, end: int) -> int | None:
+        """Where to cut after the sentence ending with `last`: the quietest VAD window around
+        the gap before `following` when the VAD saw a pause there (the words' times come from
+        cross-attention and are rough: cutting into a word loses it), else — in an utterance
+        already long — the middle of the words' gap; else nowhere."""
+        cfg = self.config
+        lo = utt.start + int((last.end - 0.15) * SAMPLE_RATE)
+        hi = utt.start + int((max(following.start, last.end) + 0.15) * SAMPLE_RATE)
+        quiet = [(p, e) for e, p in utt.probs if lo <= e <= hi]
+        cut: int | None = None
+        if quiet and min(quiet)[0] < cfg.threshold:
+            cut = min(quiet)[1] - WINDOW // 2
+        elif (
+            end - utt.start >= cfg.sentence_any_gap_seconds * SAMPLE_RATE
+            and following.start - last.end >= 0.08
+        ):
+            cut = utt.start + int((last.end + following.start) / 2 * SAMPLE_RATE)
+        if cut is None or not utt.start + WINDOW < cut < end:
+            return None
+        return cut
+
+    def _commit_sentence(
+        self, utt: Utterance, hyp: Hypothesis, job: DecodeJob
+    ) -> list[Message] | None:
+        """Local agreement: the previous decode and this one agree on a prefix that ends a
+        sentence, and this one goes on after it — emit that sentence as a final now and go on
+        with the rest as a new utterance from the gap after it."""
+        cfg = self.config
+        previous = self.agreement.previous
+        words = hyp.words
+        if not cfg.sentence_commits or not previous or len(words) < 2:
+            return None
+        if self.closed or self._finals_running:
+            return None  # finals go out in order: an older one is still on its way
+        agreed = 0
+        for a, w in zip(previous, words, strict=False):
+            if _norm(a) != _norm(w.word):
+                break
+            agreed += 1
+        for k in range(min(agreed, len(words) - 1) - 1, -1, -1):
+            if _ends_sentence(words[k].word) and words[k].end >= cfg.sentence_min_seconds:
+                cut = self._sentence_cut(utt, words[k], words[k + 1], job.end)
+                if cut is not None:
+                    break
+        else:
+            return None
+        speech_end = min(cut, utt.start + int(words[k].end * SAMPLE_RATE))
+        offset = utt.start / SAMPLE_RATE
+        kept = [
+            Word(round(w.start + offset, 2), round(w.end + offset, 2), w.word, w.probability)
+            for w in words[: k + 1]
+        ]
+        text = "".join(w.word for w in words[: k + 1]).strip()
+        language = hyp.language or self.language
+        latency = _ms(self.arrival(speech_end))
+        self.finals.append(Final(utt.index, _sec(utt.start), _sec(cut), text, kept, language))
+        if latency is not None:
+            self.latencies.append(latency / 1000)
+        self.sentence_finals += 1
+        messages: list[Message] = [
+            {
+                "type": "final",
+                "utterance": utt.index,
+                "text": text,
+                "start": _sec(utt.start),
+                "end": _sec(cut),
+                "speech_end": _sec(speech_end),
+                "reason": "sentence",
+                "language": language,
+                "words": [
+                    {"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                    for w in kept
+                ],
+                "processing_ms": round(hyp.seconds * 1000),
+                "speculative": False,
+                "latency_ms": latency,
+            }
+        ]
+        # the rest goes on as a new utterance from the cut (as at a `max_length` split)
+        rest = Utterance(self._next_index, cut, utt.last_speech_end, 0, utt.last_partial_end)
+        rest.probs = [(e, p) for e, p in utt.probs if e > cut]
+        rest.voiced = sum(WINDOW for _, p in rest.probs if p >= cfg.neg_threshold)
+        self._next_index += 1
+        self.utterance = rest
+        remaining = [w.word.strip() for w in words[k + 1 :]]
+        self.agreement.seed(remaining)
+        if remaining:
+            rest.partials += 1
+            messages.append(
+                {
+                    "type": "partial",
+                    "utterance": rest.index,
+                    "text": " ".join(remaining),
+                    "stable": "",
+                    "unstable": " ".join(remaining),
+                    "start": _sec(cut),
+                    "audio_end": _sec(job.end),
+                    "processing_ms": round(hyp.seconds * 1000),
+                    "latency_ms": _ms(job.arrived),
+                }
+            )
+        return messages
 
     def step(self, skip_partials: bool = False) -> list[Message]:
         """Run at most one decode (blocking) and return the messages it produced."""
@@ -515,6 +684,8 @@ class LiveTranscriber:
             "audio_seconds": _sec(self.position),
             "processing_seconds": round(self.processing_seconds, 3),
             "decodes": float(self.decodes),
+            "sentence_finals": float(self.sentence_finals),
+            "degraded_decodes": float(self.degraded_decodes),
         }
         if self.latencies:
             ordered = sorted(self.latencies)
@@ -541,9 +712,11 @@ class BacklogError(Exception):
 class LiveSession:
     """Drives a `LiveTranscriber` from asyncio: audio in with `feed`, messages out via `emit`.
 
-    The event loop only appends bytes; VAD and decoding run in a worker thread. When audio
-    waits longer than `max_lag_seconds` the session stops decoding partials (finals still
-    come) and reports `lag`; beyond `max_backlog_seconds` it gives up (`BacklogError`).
+    The event loop only appends bytes; VAD and decoding run in a worker thread. Past
+    `degrade_lag_seconds` behind, the transcriber is `degraded` (greedy finals, fewer partials)
+    for at least `degrade_hold_seconds`; when audio waits longer than `max_lag_seconds` the
+    session stops decoding partials (finals still come) and reports `lag`; beyond
+    `max_backlog_seconds` it gives up (`BacklogError`).
     """
 
     def __init__(
@@ -554,8 +727,13 @@ class LiveSession:
         max_lag_seconds: float = 1.0,
         max_backlog_seconds: float = 60.0,
         parallel: bool = False,
+        degrade_lag_seconds: float = 0.5,
+        degrade_hold_seconds: float = 5.0,
     ) -> None:
         self.core = transcriber
+        self.degrade_lag = degrade_lag_seconds
+        self.degrade_hold = degrade_hold_seconds
+        self._degraded_until = 0.0
         self.emit = emit
         self.parallel = parallel
         self.max_lag = max_lag_seconds
@@ -620,6 +798,14 @@ class LiveSession:
             self.core.close()
         return messages
 
+    def _degrade(self, lag: float) -> None:
+        """Greedy finals and fewer partials from `degrade_lag` behind, held for a while so
+        that the session does not flip back and forth with every decode."""
+        now = time.monotonic()
+        if lag > self.degrade_lag:
+            self._degraded_until = now + self.degrade_hold
+        self.core.degraded = now < self._degraded_until
+
     async def run(self) -> None:
         """Feed audio, keep the two decode slots busy, emit; return after `stop` or `abort`."""
         slots: dict[str, tuple[asyncio.Task[Hypothesis], DecodeJob] | None] = {
@@ -634,6 +820,7 @@ class LiveSession:
                 closing = self._closing
                 flushing = bool(self._flushes)
                 lag = max(self.backlog_seconds, self.core.lag_seconds())
+                self._degrade(lag)
                 skip = lag > self.max_lag or closing or flushing
                 if lag > self.max_lag and time.monotonic() - self._last_lag_report >= 1.0:
                     self._last_lag_report = time.monotonic()

@@ -46,7 +46,7 @@ export class Editor {
     this.load(entry);
     this.build();
     this.render();
-    this.loadRevisions(0);
+    this.loadRevisions(0).catch((error) => this.updateStatus(`Could not load the revisions: ${error.message}`));
     this.onUnload = (event) => {
       if (this.dirty()) event.preventDefault();
     };
@@ -86,10 +86,14 @@ export class Editor {
     this.undoButton = el("button", { type: "button", class: "ghost", onclick: () => this.undo() }, "Undo");
     this.redoButton = el("button", { type: "button", class: "ghost", onclick: () => this.redo() }, "Redo");
     this.saveButton = el("button", { type: "button", class: "primary", onclick: () => this.save() }, "Save");
-    this.revisionSelect = el("select", { id: "editor-compare", onchange: () => this.showRevision() });
+    const failed = (what) => (error) => this.updateStatus(`${what}: ${error.message}`);
+    this.revisionSelect = el("select", {
+      id: "editor-compare",
+      onchange: () => this.showRevision().catch(failed("Could not load the revision")),
+    });
     this.restoreButton = el(
       "button",
-      { type: "button", class: "ghost", onclick: () => this.restore() },
+      { type: "button", class: "ghost", onclick: () => this.restore().catch(failed("Not restored")) },
       "Restore this revision",
     );
     this.conflictBox = el("div", { class: "notice editor-conflict", hidden: true });
@@ -560,7 +564,7 @@ export class Editor {
     this.focus = focus;
     this.render();
     this.updateStatus(`${what} ${this.revision}`);
-    this.loadRevisions(this.compare ? this.compare.revision : 0);
+    this.loadRevisions(this.compare ? this.compare.revision : 0).catch(() => {});
     this.onSaved(entry);
   }
 
@@ -575,7 +579,11 @@ export class Editor {
       el(
         "div",
         { class: "actions" },
-        el("button", { type: "button", onclick: () => this.reload() }, `Load revision ${current} (drop my edits)`),
+        el(
+          "button",
+          { type: "button", onclick: () => this.reload().catch((error) => this.updateStatus(error.message)) },
+          `Load revision ${current} (drop my edits)`,
+        ),
         el(
           "button",
           {

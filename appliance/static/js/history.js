@@ -76,6 +76,7 @@ async function load(reset = true) {
 
 function showEntry(entry) {
   const names = entry.speakers || {};
+  const labels = [...new Set([...Object.keys(names), ...entry.segments.map((s) => s.speaker).filter(Boolean)])].sort();
   $("history-dialog-title").textContent = title(entry);
   $("history-dialog-meta").textContent =
     `${entry.source} · ${when(entry.created)} · ${duration(entry.duration)} · ${entry.model} · ${entry.language}` +
@@ -92,7 +93,7 @@ function showEntry(entry) {
         {},
         el("span", { class: "time" }, `${clock(s.start, true)} → ${clock(s.end, true)}`),
         " ",
-        s.speaker ? el("strong", {}, `${names[s.speaker] || s.speaker}: `) : "",
+        s.speaker ? el("strong", { class: `spk-${labels.indexOf(s.speaker) % 8}` }, `${names[s.speaker] || s.speaker}: `) : "",
         s.text.trim(),
       ),
     ),
