@@ -52,8 +52,10 @@ async def _start_on(settings: Settings, db: Database) -> Services:
         settings.engine,
         compute_type=settings.compute_type,
         cpu_threads=settings.cpu_threads,
-        workers=settings.workers,
+        workers=settings.worker_processes,  # 0 = auto: one per core on CPU, fewer on a GPU
         cache_dir=settings.data_dir / "cache",
+        device=settings.device,
+        cuda_compute_type=settings.cuda_compute_type,
     )
     models = ModelManager(
         engine,

@@ -36,6 +36,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 ENGINES = ("faster-whisper", "openai-whisper")
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "float16", "int8_float16", "auto")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -215,13 +216,31 @@ class Settings:
     )
     engine: str = _env("ENGINE", _choice(ENGINES), "faster-whisper", "Inference engine")
     compute_type: str = _env(
-        "COMPUTE_TYPE", _choice(COMPUTE_TYPES), "int8", "CTranslate2 compute type (faster-whisper)"
+        "COMPUTE_TYPE",
+        _choice(COMPUTE_TYPES),
+        "int8",
+        "CTranslate2 compute type (faster-whisper) on the CPU",
+    )
+    device: str = _env(
+        "DEVICE",
+        _choice(DEVICES),
+        "auto",
+        "Where faster-whisper runs: auto (a CUDA GPU if one is visible, else the CPU), cpu, cuda",
+    )
+    cuda_compute_type: str = _env(
+        "CUDA_COMPUTE_TYPE",
+        _choice(COMPUTE_TYPES),
+        "float16",
+        "CTranslate2 compute type on a CUDA GPU (COMPUTE_TYPE applies on the CPU)",
     )
     cpu_threads: int = _env(
         "CPU_THREADS", _int_range(1, 256), 1, "CPU threads per inference worker"
     )
     worker_processes: int = _env(
-        "WORKER_PROCESSES", _int_range(0, 64), 0, "Parallel inference workers (0 = one per core)"
+        "WORKER_PROCESSES",
+        _int_range(0, 64),
+        0,
+        "Parallel inference workers (0 = one per core; on a GPU, 2 model replicas)",
     )
     model_cache_size: int = _env(
         "MODEL_CACHE_SIZE",
@@ -351,6 +370,18 @@ class Settings:
         _int_range(200, 3000),
         500,
         "Silence (ms) that ends a live utterance and triggers its final text",
+    )
+    live_sentence_commits: bool = _env(
+        "LIVE_SENTENCE_COMMITS",
+        parse_bool,
+        True,
+        "Live finals per sentence as soon as two decodes agree on it (else at pauses only)",
+    )
+    live_batch_decodes: bool = _env(
+        "LIVE_BATCH_DECODES",
+        parse_bool,
+        True,
+        "Decode the live sessions of one model together, in one batch per engine call",
     )
     update_source: str = _env(
         "UPDATE_SOURCE",

@@ -53,6 +53,7 @@ PROCESSING = ".processing"
 ERROR_SUFFIX = ".error.txt"
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs)
 EMPTY_SETTLE_SECONDS = 60.0  # an empty file may be a copy that has not started writing yet
+CLAIM_RETRY_SECONDS = 60.0  # a file that could not be taken (permissions) is tried again then
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESULT_MODE = 0o660  # the share's user (same group) reads and deletes what we write
 _DIR_MODE = 0o770
@@ -236,6 +237,9 @@ class Inbox:
                 taken = await asyncio.to_thread(self._claim, name)
             except Exception:
                 log.exception("could not take %s from the inbox", display_name(name))
+                seen = self.seen.get(name)
+                if seen is not None:  # not again at every scan: in a minute
+                    seen.since = time.monotonic() + CLAIM_RETRY_SECONDS
                 continue
             self.seen.pop(name, None)
             if taken is not None:

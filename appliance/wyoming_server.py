@@ -14,7 +14,8 @@ source `wyoming`:
   *while it arrives* by the live-speech core (`LiveSession`: Silero VAD, speculative finals),
   so when `audio-stop` comes only the last words are left to decode;
 - audio that arrives faster than real time (a file sent at once) is a job of the job queue,
-  like an upload: same workers, same queue bound (`queue_full` when it is full).
+  like an upload: same workers, same queue bound (`queue_full` when it is full); so is a
+  request that starts while as many requests as there are workers are decoded live.
 
 Wyoming has no authentication: peers outside `WYOMING_ALLOWED_NETWORKS` are closed at once.
 Everything a client sends is bounded: the header line, its data and payload, the audio of one
@@ -248,6 +249,13 @@ class WyomingServer:
             reuse_address=True,
         )
         log.info("Wyoming server listening on %s port %s", s.bind_address, self.port)
+        outside = [a for a in self._addresses() if not peer_allowed((a,), self._networks())]
+        if outside:
+            log.warning(
+                "Wyoming: %s not in WYOMING_ALLOWED_NETWORKS: clients on that network are "
+                "refused unless it is added",
+                ", ".join(outside),
+            )
         if s.wyoming_zeroconf:
             self._announce = asyncio.create_task(self._register_zeroconf())
 
@@ -284,21 +292,28 @@ class WyomingServer:
 
     # --- zeroconf ------------------------------------------------------------------------------
     def _addresses(self) -> list[str]:
+        """Addresses to announce: BIND_ADDRESS, or every address of the machine the listener
+        accepts that is not loopback or link-local (those in WYOMING_ALLOWED_NETWORKS first)."""
         bound = self.settings.bind_address
         if bound not in ("0.0.0.0", "::", ""):  # noqa: S104
             return [bound]
-        found = []
+        families = {"0.0.0.0": {socket.AF_INET}, "::": {socket.AF_INET6}}.get(  # noqa: S104
+            bound, {socket.AF_INET, socket.AF_INET6}
+        )  # what the listener accepts (asyncio binds "::" IPv6-only)
+        found: list[tuple[int, int, str]] = []
         for addrs in psutil.net_if_addrs().values():
             for addr in addrs:
-                if addr.family != socket.AF_INET:
+                if addr.family not in families:
                     continue
                 try:
-                    ip = ipaddress.ip_address(addr.address)
+                    ip = ipaddress.ip_address(addr.address.split("%", 1)[0])
                 except ValueError:
                     continue
-                if not ip.is_loopback and peer_allowed((addr.address,), self._networks()):
-                    found.append(addr.address)
-        return found or ["127.0.0.1"]
+                if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+                    continue
+                allowed = peer_allowed((str(ip),), self._networks())
+                found.append((0 if allowed else 1, ip.version, str(ip)))
+        return [address for _, _, address in sorted(found)] or ["127.0.0.1"]
 
     def _networks(self) -> tuple[Any, ...]:
         return tuple(self.settings.wyoming_allowed_networks)
@@ -538,10 +553,17 @@ class Connection:
             model_obj = await request.holds_model.enter_async_context(
                 self.services.models.use(model)
             )
-            decoder = Decoder(model_obj, language=language, task="transcribe")
+            # the live-speech settings apply as on /ws/live
+            decoder = Decoder(
+                model_obj,
+                language=language,
+                task="transcribe",
+                batching=self.settings.live_batch_decodes,
+            )
             config = LiveConfig(
                 silence_seconds=self.settings.live_silence_ms / 1000,
                 max_utterance_seconds=float(self.settings.live_max_utterance_seconds),
+                sentence_commits=self.settings.live_sentence_commits,
             )
             request.core = await asyncio.to_thread(LiveTranscriber, decoder, config)
         except ModelError as exc:  # its audio would follow: close rather than answer each chunk

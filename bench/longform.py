@@ -66,12 +66,13 @@ def assemble(
     long_pause_every: int = 4,
     long_pause: tuple[float, float] = (8.0, 20.0),
     tail_seconds: float = 0.0,
+    noise: float = 0.001,
 ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], str, list[tuple[float, float, str]]]:
     """Audio, reference text and the (start, end, text) of each spoken clip, `minutes` long or more.
 
     Deterministic for a seed. Every `long_pause_every`-th pause is long, alternately digital
     silence and low noise; `tail_seconds` of silence end the recording (where a decoder that
-    hallucinates writes its tail).
+    hallucinates writes its tail). `noise` is the RMS of the noise in pauses (full scale 1).
     """
     rng = np.random.default_rng(seed)
     speech = [(_read(c.path), c.reference) for c in clips()]
@@ -84,12 +85,12 @@ def assemble(
     def pause(seconds: float, silent: bool) -> None:
         nonlocal total
         n = round(seconds * SAMPLE_RATE)
-        noise = (
+        filler = (
             np.zeros(n, np.float32)
             if silent
-            else (rng.standard_normal(n) * 0.001).astype(np.float32)  # about -60 dBFS
+            else (rng.standard_normal(n) * noise).astype(np.float32)  # 0.001: about -60 dBFS
         )
-        pieces.append(noise)
+        pieces.append(filler)
         total += n
 
     pause(0.5, False)
@@ -139,9 +140,7 @@ def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[
         from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
 
         cache = WORK / "openai-cache"
-        model: Any = OpenAIWhisperEngine(cpu_threads=threads, cache_dir=cache).load(
-            Path(model_dir)
-        )
+        model: Any = OpenAIWhisperEngine(cpu_threads=threads, cache_dir=cache).load(Path(model_dir))
         options = TranscribeOptions(language="en")
     else:
         from appliance.engines.faster_whisper_engine import FasterWhisperEngine
@@ -253,27 +252,40 @@ class LongformSection:
             f"{self.threads} core(s) for every engine, best of {len(self.runs[CONFIGS[0]])} "
             "round(s). Every configuration goes through the service's windowed path.",
             "",
-            "| configuration | seconds | x realtime | x realtime (CPU) | WER | segments past the end |",
+            "| configuration | seconds | x realtime | x realtime (CPU) | WER "
+            "| segments past the end |",
             "|---|---|---|---|---|---|",
             *rows,
         ]
         seq, bat, oai = (self.best(c) for c in CONFIGS)
         if bat is not None:
+            # verdicts on CPU time, as the other sections: other work on a shared machine
+            # stretches wall time, not the CPU seconds a configuration needs
             verdicts = []
-            rt = bat["duration"] / bat["seconds"]
+            cores = self.threads
+            rt_wall = bat["duration"] / bat["seconds"]
+            rt_cpu = bat["duration"] / (bat["cpu_s"] / cores)
             lines.append("")
-            lines.append(f"- batched file path: **{rt:.1f}x realtime** (target ≥ 30x)")
-            verdicts.append(rt >= 30)
+            lines.append(
+                f"- batched file path: **{rt_wall:.1f}x realtime** on the wall clock, "
+                f"**{rt_cpu:.1f}x** from CPU time over {cores} core(s) (target ≥ 30x)"
+            )
+            verdicts.append(rt_cpu >= 30)
             if oai is not None:
-                ratio = oai["seconds"] / bat["seconds"]
-                lines.append(f"- batched vs openai-whisper: **{ratio:.1f}x faster** (target ≥ 10x)")
-                verdicts.append(ratio >= 10)
+                wall = oai["seconds"] / bat["seconds"]
+                cpu = oai["cpu_s"] / bat["cpu_s"]
+                lines.append(
+                    f"- batched vs openai-whisper: **{wall:.1f}x faster** on the wall clock, "
+                    f"**{cpu:.1f}x** in CPU time (target ≥ 10x)"
+                )
+                verdicts.append(cpu >= 10)
             if seq is not None:
                 bat_wer = wer([self.reference], [bat["text"]])
                 seq_wer = wer([self.reference], [seq["text"]])
                 lines.append(
-                    f"- batched vs sequential: {seq['seconds'] / bat['seconds']:.1f}x faster, "
-                    f"WER {bat_wer:.1f} % vs {seq_wer:.1f} % (target ≤ sequential + 1 pt)"
+                    f"- batched vs sequential: {seq['seconds'] / bat['seconds']:.1f}x faster "
+                    f"(wall), {seq['cpu_s'] / bat['cpu_s']:.1f}x (CPU); WER {bat_wer:.1f} % vs "
+                    f"{seq_wer:.1f} % (target ≤ sequential + 1 pt)"
                 )
                 verdicts.append(bat_wer <= seq_wer + 1.0)
             past = sum(r["past_end"] for c in CONFIGS for r in self.runs[c])

@@ -27,6 +27,8 @@ from bench.common import ROOT, Clip, clips
 from bench.diarize_bench import DiarizationSection
 from bench.engines import EnginesSection
 from bench.live import LiveSection
+from bench.liveload import LiveLoadSection
+from bench.longform import LongformSection
 from bench.service import ServiceSection
 from bench.soak import current_section
 from bench.wyoming_bench import WyomingSection
@@ -52,7 +54,7 @@ class Section(Protocol):
     def close(self) -> None: ...
 
 
-SECTIONS = ("engines", "service", "live", "wyoming", "diarization")
+SECTIONS = ("engines", "service", "longform", "live", "liveload", "wyoming", "diarization")
 
 
 def build_sections(names: list[str], models: list[str], threads: int) -> list[Section]:
@@ -60,7 +62,9 @@ def build_sections(names: list[str], models: list[str], threads: int) -> list[Se
     available: dict[str, Section] = {
         "engines": engines,
         "service": ServiceSection(threads),
+        "longform": LongformSection(os.cpu_count() or 1),  # every core, for every engine
         "live": LiveSection(),
+        "liveload": LiveLoadSection(),  # issue 13: 1, 2, 4 conversational sessions
         "wyoming": WyomingSection(),  # Home Assistant: ours vs wyoming-faster-whisper
         "diarization": DiarizationSection(),  # issue 15: DER and its cost
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,6 +111,10 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, timeout: flo
     """`whisper-appliance serve` in a subprocess, waiting until /health is green."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
+    speaker_model = ROOT / ".cache" / "speaker" / "models" / "speaker-ge2e.npz"
+    if speaker_model.is_file():  # diarize=true works as on an installed appliance
+        (data_dir / "models").mkdir(exist_ok=True)
+        shutil.copyfile(speaker_model, data_dir / "models" / speaker_model.name)
     log = data_dir.parent / f"server-{port}.log"
     full_env = {
         **os.environ,

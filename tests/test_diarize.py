@@ -18,6 +18,7 @@ from quart import Quart
 from werkzeug.datastructures import FileStorage
 
 from appliance import diarize, formats
+from appliance.api import asr_compat
 from appliance.engines.base import Segment, Transcript, Word
 from tests.conftest import CLIPS, ROOT
 
@@ -264,6 +265,10 @@ def test_every_export_carries_the_labels() -> None:
     data = json.loads(formats.render(t, "json"))
     assert [s["speaker"] for s in data["segments"]] == ["Speaker 1", "Speaker 2"]
     assert [w["speaker"] for w in data["words"]] == ["Speaker 1", "Speaker 2"]
+    # whisper-asr-webservice's own renderer (/asr)
+    assert "[Speaker 2] Hi." in asr_compat.render(t, "txt", None)
+    assert "<v Speaker 1>Hello." in asr_compat.render(t, "vtt", None)
+    assert json.loads(asr_compat.render(t, "json", None))["segments"][1]["speaker"] == "Speaker 2"
 
 
 # --- real recordings ------------------------------------------------------------------------
@@ -332,6 +337,31 @@ async def test_transcribe_and_openai_diarized_json(app: Quart, speaker_model: Pa
     first = body["segments"][0]
     assert set(first) >= {"type", "id", "speaker", "start", "end", "text"}
     assert first["type"] == "transcript.text.segment"
+
+
+async def test_streaming_diarized_json_ends_with_segment_events(
+    app: Quart, speaker_model: Path
+) -> None:
+    response = await app.test_client().post(
+        "/v1/audio/transcriptions",
+        files={"file": wav(AMI / "sample.wav")},
+        form={
+            "model": "whisper-1",
+            "response_format": "diarized_json",
+            "stream": "true",
+            "num_speakers": "2",
+        },
+    )
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    body = await response.get_data(as_text=True)
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "transcript.text.done"
+    segments = [e for e in events if e["type"] == "transcript.text.segment"]
+    assert segments and kinds.index("transcript.text.segment") > kinds.index(
+        "transcript.text.delta"
+    )
+    assert {e["speaker"] for e in segments} == {"Speaker 1", "Speaker 2"}
 
 
 async def test_diarize_without_the_model_is_a_clear_503(app: Quart, jfk_wav: Path) -> None:

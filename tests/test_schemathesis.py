@@ -48,7 +48,7 @@ from tests.conftest import CLIPS, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 20
 CHECKS = [not_a_server_error, response_schema_conformance]
 TIMEOUT = 120
 

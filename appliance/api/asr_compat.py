@@ -92,9 +92,11 @@ class AsrQuery(BaseModel):
     word_timestamps: bool | None = Field(False, description="Word timestamps (json output)")
     output: str | None = Field("txt", description="txt, vtt, srt, tsv or json")
     diarize: bool | None = Field(False, description="Label speakers (who said what)")
-    num_speakers: int | None = Field(None, description="Exact number of speakers, if known")
-    min_speakers: int | None = Field(None, description="At least this many speakers")
-    max_speakers: int | None = Field(None, description="At most this many speakers")
+    num_speakers: int | None = Field(
+        None, ge=1, le=20, description="Exact number of speakers, if known"
+    )
+    min_speakers: int | None = Field(None, ge=1, le=20, description="At least this many speakers")
+    max_speakers: int | None = Field(None, ge=1, le=20, description="At most this many speakers")
     video_file: str | None = Field(
         None, description="Path of the video (Bazarr's 'pass video name'): the history's name"
     )

@@ -57,9 +57,15 @@ class OpenAITranscriptionForm(BaseModel):
     diarize: bool | None = Field(
         False, description="Extra: label speakers (implied by response_format=diarized_json)"
     )
-    num_speakers: int | None = Field(None, description="Extra: exact number of speakers")
-    min_speakers: int | None = Field(None, description="Extra: at least this many speakers")
-    max_speakers: int | None = Field(None, description="Extra: at most this many speakers")
+    num_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: exact number of speakers"
+    )
+    min_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: at least this many speakers"
+    )
+    max_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: at most this many speakers"
+    )
 
 
 class OpenAITranscription(BaseModel):

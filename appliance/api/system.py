@@ -50,7 +50,7 @@ async def health() -> Response:
 @blueprint.get("/api/status")
 @tag(["system"])
 async def status() -> Response:
-    """Version, uptime, engine, models, queue, CPU, RAM and disk."""
+    """Version, uptime, engine, device, models, queue, CPU, RAM and disk."""
     s = services()
     mem = psutil.virtual_memory()
     disk = shutil.disk_usage(s.settings.data_dir)
@@ -60,7 +60,9 @@ async def status() -> Response:
             "version": __version__,
             "uptime_seconds": round(time.time() - s.started, 1),
             "engine": s.settings.engine,
-            "compute_type": s.settings.compute_type,
+            # as resolved at start (DEVICE=auto picks cuda or cpu, each with its compute type)
+            "device": getattr(s.models.engine, "device", "cpu"),
+            "compute_type": getattr(s.models.engine, "compute_type", s.settings.compute_type),
             "default_model": s.extras.get("default_model") or s.settings.whisper_model,
             "models": [m for m in s.models.status() if m["state"] != "not_downloaded"],
             "queue": s.jobs.stats(),

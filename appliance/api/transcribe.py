@@ -42,9 +42,11 @@ class TranscribeForm(BaseModel):
     prompt: str | None = Field(None, description="Initial prompt (names, spelling)")
     hotwords: str | None = Field(None, description="Words to favour")
     diarize: bool | None = Field(False, description="Label speakers (who said what)")
-    num_speakers: int | None = Field(None, description="Exact number of speakers, if known")
-    min_speakers: int | None = Field(None, description="At least this many speakers")
-    max_speakers: int | None = Field(None, description="At most this many speakers")
+    num_speakers: int | None = Field(
+        None, ge=1, le=20, description="Exact number of speakers, if known"
+    )
+    min_speakers: int | None = Field(None, ge=1, le=20, description="At least this many speakers")
+    max_speakers: int | None = Field(None, ge=1, le=20, description="At most this many speakers")
 
 
 class JobView(BaseModel):

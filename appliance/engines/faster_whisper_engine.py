@@ -53,14 +53,23 @@ LOOP_COMPRESSION = 2.4  # Whisper's compression_ratio_threshold: above it, a rep
 
 
 class FasterWhisperModel:
-    def __init__(self, model_dir: Path, compute_type: str, cpu_threads: int, workers: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        compute_type: str,
+        cpu_threads: int,
+        workers: int,
+        device: str = "cpu",
+        device_index: int = 0,
+    ) -> None:
         from faster_whisper import WhisperModel
 
         self.replicas = max(1, workers)
         # num_workers lets `workers` threads transcribe with this one model at the same time.
         self._model = WhisperModel(
             str(model_dir),
-            device="cpu",
+            device=device,  # "cpu" or "cuda" (appliance.engines.device)
+            device_index=device_index,
             compute_type=compute_type,
             cpu_threads=cpu_threads,
             num_workers=workers,
@@ -238,10 +247,26 @@ def _segment(s: object) -> Segment:
 class FasterWhisperEngine:
     name = "faster-whisper"
 
-    def __init__(self, compute_type: str = "int8", cpu_threads: int = 1, workers: int = 1) -> None:
+    def __init__(
+        self,
+        compute_type: str = "int8",
+        cpu_threads: int = 1,
+        workers: int = 1,
+        device: str = "cpu",
+        device_index: int = 0,
+    ) -> None:
         self.compute_type = compute_type
         self.cpu_threads = cpu_threads
         self.workers = workers
+        self.device = device
+        self.device_index = device_index
 
     def load(self, model_dir: Path) -> FasterWhisperModel:
-        return FasterWhisperModel(model_dir, self.compute_type, self.cpu_threads, self.workers)
+        return FasterWhisperModel(
+            model_dir,
+            self.compute_type,
+            self.cpu_threads,
+            self.workers,
+            device=self.device,
+            device_index=self.device_index,
+        )

@@ -99,7 +99,9 @@ class BatchScheduler:
         max_batch: int = MAX_BATCH,
         workers: int | None = None,
     ) -> None:
-        self.whisper = whisper
+        # weak: the scheduler is kept per model in a WeakKeyDictionary, and must not keep its
+        # model alive after the model manager let it go
+        self._whisper = weakref.ref(whisper)
         self.collect_seconds = collect_seconds
         self.max_batch = max_batch
         self.workers = max(1, workers or int(getattr(whisper.model, "num_workers", 1) or 1))
@@ -113,6 +115,7 @@ class BatchScheduler:
     def submit(self, request: _Request) -> _Request:
         with self._cond:
             self._pending.append(request)
+            self._cond.notify_all()
         while True:
             with self._cond:
                 while request in self._pending and self._active >= self.workers:
@@ -123,8 +126,7 @@ class BatchScheduler:
                     return self._finish(request)
                 self._active += 1
             try:
-                if len(self.clients) > 1 and self.collect_seconds > 0:
-                    time.sleep(self.collect_seconds)
+                self._collect()
                 with self._cond:
                     if request not in self._pending:
                         continue  # taken meanwhile: wait for it above (slot given back below)
@@ -141,6 +143,11 @@ class BatchScheduler:
                     self._active -= 1
                     self._cond.notify_all()
 
+    def _collect(self) -> None:
+        """Give the other sessions' decodes a moment to join this batch."""
+        if len(self.clients) > 1 and self.collect_seconds > 0:
+            time.sleep(self.collect_seconds)
+
     @staticmethod
     def _finish(request: _Request) -> _Request:
         if request.error is not None:
@@ -149,7 +156,10 @@ class BatchScheduler:
 
     def _run(self, batch: list[_Request]) -> None:
         try:
-            results, encoded = run_batch(self.whisper, batch)
+            whisper = self._whisper()
+            if whisper is None:
+                raise RuntimeError("the model was unloaded")
+            results, encoded = run_batch(whisper, batch)
             for r, result, enc in zip(batch, results, encoded, strict=True):
                 r.result, r.encoded = result, enc
         except BaseException as exc:  # every waiter must wake, with the error
@@ -164,13 +174,16 @@ class BatchScheduler:
             self._cond.notify_all()
 
 
-def run_batch(whisper: Any, batch: list[_Request]) -> tuple[list[Any], list[Any]]:
-    """One CTranslate2 encode + generate for requests of one shape; per request the generate
-    result and its own encoder output (for word alignment)."""
+def run_batch(
+    whisper: Any, batch: list[_Request], encoded: Any = None
+) -> tuple[list[Any], list[Any]]:
+    """One CTranslate2 encode (unless `encoded` is given) + generate for requests of one
+    shape; per request the generate result and its own encoder output (for word alignment)."""
     import ctranslate2
 
-    features = np.stack([r.features for r in batch]).astype(np.float32, copy=False)
-    encoded = whisper.encode(features)
+    if encoded is None:
+        features = np.stack([r.features for r in batch]).astype(np.float32, copy=False)
+        encoded = whisper.encode(features)
     first = batch[0]
     longest = max(r.max_new for r in batch)
     results = whisper.model.generate(
@@ -251,6 +264,12 @@ class Decoder:
         beam = beam_size or (self.final_beam_size if final else self.partial_beam_size)
         if self._whisper is not None:
             hyp = self._decode_short(audio, final=final, words=with_words, beam=beam)
+            if final and beam < self.final_beam_size and hyp.avg_logprob < LOGPROB_THRESHOLD:
+                # a greedy final (the session is under load) that looks unsure: beam search
+                # is worth its cost here, a lost sentence is worse than a late one
+                hyp = self._decode_short(
+                    audio, final=final, words=with_words, beam=self.final_beam_size
+                )
         else:
             hyp = self._decode_generic(audio, words=with_words, beam=beam)
         hyp.seconds = time.perf_counter() - started
@@ -338,7 +357,7 @@ class Decoder:
         if self.scheduler is not None and encoded is None:
             self.scheduler.submit(request)
         else:
-            results, outputs = run_batch(whisper, [request])
+            results, outputs = run_batch(whisper, [request], encoded)
             request.result, request.encoded = results[0], outputs[0]
         result = request.result
         tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot][:max_new]

@@ -347,7 +347,8 @@ class LiveConnection:
     async def _transcribe(
         self, model_name: str, model: Any, language: str | None, task: str
     ) -> tuple[int, str]:
-        decoder = Decoder(model, language=language, task=task)
+        batching = self.settings.live_batch_decodes
+        decoder = Decoder(model, language=language, task=task, batching=batching)
         core = await asyncio.to_thread(LiveTranscriber, decoder, self._live_config())
         session = LiveSession(core, self.send)
         self.registry.sessions[self.session_id] = {"model": model_name, "started": time.time()}
@@ -402,6 +403,7 @@ class LiveConnection:
         return LiveConfig(
             silence_seconds=self.settings.live_silence_ms / 1000,
             max_utterance_seconds=float(self.settings.live_max_utterance_seconds),
+            sentence_commits=self.settings.live_sentence_commits,
         )
 
     def _limit_reached(self, limit: SessionLimit) -> str:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = ("base", "firewall", "proxmox_lxc", "whisper_appliance")
+ROLES = ("base", "firewall", "proxmox_lxc", "whisper_appliance", "inbox_share")
 ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or str(ROOT / ".venv/bin/ansible-playbook")
 
 
@@ -92,6 +92,7 @@ def _run_role(
             " and we were unable to convert to int",
         ),
         ("proxmox_lxc", {}, "missing required arguments: proxmox_lxc_vmid"),
+        ("inbox_share", {}, "missing required arguments: inbox_share_password"),
         (
             "proxmox_lxc",
             {"proxmox_lxc_vmid": 120, "proxmox_lxc_unprivileged": "maybe"},

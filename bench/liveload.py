@@ -1,0 +1,413 @@
+"""Live load (`/ws/live`): 1, 2 and 4 concurrent sessions of conversational speech.
+
+The audio is conversation: the real two-speaker telephone call of `.cache/clips/diarization/
+sample.wav` (30 s, when `scripts/fetch_clips.py` fetched it), 1 s of silence, then JFK and the
+five LibriVox clips with their own silences trimmed, joined by 0.2-0.4 s gaps — pauses too short
+to close an utterance (`LIVE_SILENCE_MS` 500), the conversational failure mode. Every session
+streams all of it at real-time pace in 200 ms frames (sessions start 0.37 s apart), then `stop`.
+
+Measured per configuration, on the client's clock (as in `bench/live.py`): final latency (the
+`speech_end` of a final, on the real-time schedule → its arrival) and partial latency, p50/p95;
+`lag` messages; samples dropped (sent minus the `end` message's duration); the finals' `reason`s.
+Text quality: the finals of the clip part against the clips' reference texts next to the same
+audio transcribed as a file (`POST /transcribe`, beam 5) — the target is within 2 WER points —
+and the finals of the call (no reference text) against its file transcription.
+
+Each configuration runs on the server as it is (sentence commits, batched decodes) and, right
+after it, on a second server with `LIVE_SENTENCE_COMMITS=false LIVE_BATCH_DECODES=false` (the
+previous behaviour), so that the ratio is measured under the same machine load.
+
+Used by `bench.run` (section "liveload") and runnable alone: `python -m bench.liveload
+[--sessions 1,2,4] [--no-baseline]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import CLIPS, ROOT, clips, normalise, wer
+from bench.live import FRAME_SAMPLES, RATE, percentile, read_pcm
+
+CALL = CLIPS / "diarization" / "sample.wav"
+GAP_RANGE = (0.2, 0.4)
+STAGGER = 0.37
+TARGET_P95 = {1: 1.0, 4: 1.5}
+TARGET_WER_POINTS = 2.0
+
+
+@dataclass
+class Conversation:
+    pcm: bytes
+    boundary: float  # stream seconds where the clip part starts (0 without the call)
+    references: list[str]  # reference texts of the clip part
+    call_pcm: bytes = b""
+    clips_pcm: bytes = b""
+
+
+def _trim(pcm: bytes, threshold: float = 0.01, pad: float = 0.05) -> bytes:
+    """Drop leading and trailing silence (20 ms frames under `threshold` RMS), keeping `pad`."""
+    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    frame = 320
+    count = audio.size // frame
+    rms = np.sqrt((audio[: count * frame].reshape(count, frame) ** 2).mean(axis=1))
+    loud = np.flatnonzero(rms > threshold)
+    if loud.size == 0:
+        return pcm
+    keep = int(pad * RATE)
+    start = max(0, loud[0] * frame - keep)
+    end = min(audio.size, (loud[-1] + 1) * frame + keep)
+    return pcm[start * 2 : end * 2]
+
+
+def _read_any(path: Path) -> bytes:
+    from appliance.audio import decode
+
+    audio = decode(path)
+    return (np.clip(audio, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def conversation(seed: int = 13) -> Conversation:
+    rng = np.random.default_rng(seed)
+    call = _read_any(CALL) if CALL.is_file() else b""
+    parts, references = [], []
+    for clip in clips():
+        parts.append(_trim(read_pcm(clip.path)))
+        references.append(clip.reference)
+    clip_pcm = b""
+    for part in parts:
+        gap = int(rng.uniform(*GAP_RANGE) * RATE)
+        clip_pcm += part + bytes(gap * 2)
+    lead = bytes(int(0.5 * RATE) * 2)
+    middle = bytes(RATE * 2) if call else b""
+    pcm = lead + call + middle + clip_pcm + bytes(int(1.5 * RATE) * 2)
+    boundary = (len(lead) + len(call) + len(middle) / 2) / 2 / RATE
+    return Conversation(pcm, boundary, references, call, clip_pcm)
+
+
+@dataclass
+class SessionRun:
+    finals: list[tuple[float, float, str, str]] = field(default_factory=list)  # lat, start,..
+    partials: list[float] = field(default_factory=list)
+    lag_messages: int = 0
+    sent_samples: int = 0
+    server_samples: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+async def stream(url: str, pcm: bytes, delay: float, model: str = "tiny.en") -> SessionRun:
+    from websockets.asyncio.client import connect
+
+    run = SessionRun()
+    await asyncio.sleep(delay)
+    ws_url = url.replace("http://", "ws://") + "/ws/live"
+    received: list[tuple[float, dict[str, Any]]] = []
+    async with connect(ws_url, max_size=2**22) as ws:
+        await ws.send(json.dumps({"type": "start", "model": model, "language": "en"}))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        if ready.get("type") != "ready":
+            run.error = f"refused: {ready}"
+            return run
+
+        async def reader() -> None:
+            async for raw in ws:
+                received.append((time.monotonic(), json.loads(raw)))
+
+        reading = asyncio.create_task(reader())
+        step = FRAME_SAMPLES * 2
+        t0 = time.monotonic()
+        for i in range(0, len(pcm), step):
+            frame = pcm[i : i + step]
+            await asyncio.sleep(max(0.0, t0 + (i + len(frame)) / 2 / RATE - time.monotonic()))
+            await ws.send(frame)
+            run.sent_samples += len(frame) // 2
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reading, 300)
+    for arrived, message in received:
+        kind = message.get("type")
+        if kind == "final" and message["text"]:
+            latency = arrived - (t0 + message["speech_end"])
+            run.finals.append((latency, message["start"], message["text"], message["reason"]))
+        elif kind == "partial":
+            run.partials.append(arrived - (t0 + message["audio_end"]))
+        elif kind == "lag":
+            run.lag_messages += 1
+        elif kind == "end":
+            run.server_samples = round(message["duration"] * RATE)
+            run.timings = message.get("timings") or {}
+        elif kind == "error":
+            run.error = message.get("message")
+    return run
+
+
+async def load(url: str, pcm: bytes, sessions: int) -> list[SessionRun]:
+    return list(await asyncio.gather(*(stream(url, pcm, i * STAGGER) for i in range(sessions))))
+
+
+def _wav(pcm: bytes) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm)
+    return out.getvalue()
+
+
+def file_transcription(url: str, pcm: bytes) -> str:
+    import httpx
+
+    files = {"file": ("part.wav", _wav(pcm), "audio/wav")}
+    response = httpx.post(f"{url}/transcribe", files=files, data={"language": "en"}, timeout=600)
+    response.raise_for_status()
+    return str(response.json()["text"])
+
+
+class Server:
+    """A `whisper-appliance serve` on a free port (plain HTTP, temp data dir, tiny.en)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import httpx
+
+        from tests.conftest import free_port
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-liveload-")
+        port = free_port()
+        full = {
+            **os.environ,
+            "DATA_DIR": str(Path(self.tmp.name) / "data"),
+            "HTTPS_ENABLED": "false",
+            "BIND_ADDRESS": "127.0.0.1",
+            "HTTPS_PORT": str(port),
+            "WHISPER_MODEL": "tiny.en",
+            "LIVE_MAX_SESSIONS": "8",
+            "API_RATE_LIMIT": "0",
+            **env,
+        }
+        self.log = (Path(self.tmp.name) / "server.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve"],
+            cwd=ROOT,
+            env=full,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError("the server did not become healthy")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+        self.tmp.cleanup()
+
+
+BASELINE_ENV = {"LIVE_SENTENCE_COMMITS": "false", "LIVE_BATCH_DECODES": "false"}
+
+
+@dataclass
+class Result:
+    name: str
+    sessions: int
+    runs: list[SessionRun]
+    load: float
+
+    def summary(self, conv: Conversation, file_text: dict[str, str]) -> dict[str, Any]:
+        finals = [f[0] for r in self.runs for f in r.finals]
+        partials = [p for r in self.runs for p in r.partials]
+        call_texts, clip_texts = [], []
+        for r in self.runs:
+            call_texts.append(" ".join(f[2] for f in r.finals if f[1] < conv.boundary))
+            clip_texts.append(" ".join(f[2] for f in r.finals if f[1] >= conv.boundary))
+        reference = " ".join(conv.references)
+        reasons = Counter(f[3] for r in self.runs for f in r.finals)
+        return {
+            "final_p50": statistics.median(finals) if finals else float("nan"),
+            "final_p95": percentile(finals, 0.95),
+            "partial_p50": statistics.median(partials) if partials else float("nan"),
+            "partial_p95": percentile(partials, 0.95),
+            "lag": sum(r.lag_messages for r in self.runs),
+            # `end.duration` is rounded to the millisecond: up to 8 samples are rounding
+            "dropped": sum(
+                r.sent_samples - r.server_samples
+                for r in self.runs
+                if r.sent_samples - r.server_samples > 16
+            ),
+            "errors": sum(1 for r in self.runs if r.error),
+            "wer_clips": wer([reference] * len(self.runs), clip_texts),
+            "wer_call_vs_file": wer([file_text["call"]] * len(self.runs), call_texts)
+            if conv.call_pcm
+            else float("nan"),
+            "reasons": dict(reasons),
+            "finals": len(finals),
+        }
+
+
+class LiveLoadSection:
+    """The `bench.run` section: see the module docstring."""
+
+    title = "Live load: concurrent conversational sessions (/ws/live)"
+
+    def __init__(self, sessions: tuple[int, ...] = (1, 2, 4), baseline: bool = True) -> None:
+        self.sessions = sessions
+        self.baseline = baseline
+        self.reason: str | None = None
+        self.servers: dict[str, Server] = {}
+        self.results: list[Result] = []
+        self.conv: Conversation | None = None
+        self.file_text: dict[str, str] = {}
+        self.done = False
+
+    def setup(self, ctx: Any) -> None:
+        try:
+            self.conv = conversation()
+            self.servers["now"] = Server({})
+            if self.baseline:
+                self.servers["baseline"] = Server(BASELINE_ENV)
+            url = self.servers["now"].url
+            self.file_text["clips"] = file_transcription(url, self.conv.clips_pcm)
+            if self.conv.call_pcm:
+                self.file_text["call"] = file_transcription(url, self.conv.call_pcm)
+        except Exception as exc:
+            self.reason = f"could not set up: {type(exc).__name__}: {exc}"
+
+    def run_round(self, ctx: Any, index: int) -> None:
+        if self.reason or self.done or self.conv is None:
+            return
+        self.done = True  # one round: each configuration is minutes of real-time audio
+        for count in self.sessions:
+            for name, server in self.servers.items():
+                print(f"liveload: {count} session(s), {name}", file=sys.stderr, flush=True)
+                load = os.getloadavg()[0]
+                runs = asyncio.run(_load_or_error(server.url, self.conv.pcm, count))
+                self.results.append(Result(name, count, runs, load))
+
+    def report(self, ctx: Any) -> str:
+        if self.reason:
+            return self.reason
+        if not self.results or self.conv is None:
+            return "no live-load run"
+        conv = self.conv
+        file_wer = wer([" ".join(conv.references)], [self.file_text["clips"]])
+        seconds = len(conv.pcm) / 2 / RATE
+        lines = [
+            f"{seconds:.0f} s of conversation per session ({conv.boundary:.0f} s two-speaker "
+            "call, then the clips with 0.2-0.4 s gaps), tiny.en int8, real-time pace, 200 ms "
+            f"frames, {os.cpu_count()} cores; load average (1 min) before each run in the table. "
+            "Latencies in seconds on the client's clock. `now`: sentence commits + batched "
+            "decodes; `baseline`: both off (the previous behaviour), run right after on a "
+            "second server.",
+            "",
+            "| sessions | server | load | final p50 | final p95 | partial p50 | partial p95 | "
+            "`lag` | dropped | finals (reasons) | WER clips | WER call vs file |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            s = r.summary(conv, self.file_text)
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items()))
+            lines.append(
+                f"| {r.sessions} | {r.name} | {r.load:.1f} | {s['final_p50']:.2f} | "
+                f"{s['final_p95']:.2f} | {s['partial_p50']:.2f} | {s['partial_p95']:.2f} | "
+                f"{s['lag']} | {s['dropped']} | {s['finals']} ({reasons}) | "
+                f"{s['wer_clips']:.1f} % | {s['wer_call_vs_file']:.1f} % |"
+            )
+            if r.name == "now" and r.sessions in TARGET_P95:
+                passed = (
+                    s["final_p95"] <= TARGET_P95[r.sessions]
+                    and s["lag"] == 0
+                    and s["dropped"] == 0
+                    and s["errors"] == 0
+                    and s["wer_clips"] - file_wer <= TARGET_WER_POINTS
+                )
+                if ctx is not None and hasattr(ctx, "verdicts"):
+                    ctx.verdicts.append(
+                        (
+                            f"live load, {r.sessions} session(s): p95 final ≤ "
+                            f"{TARGET_P95[r.sessions]} s, no lag, nothing dropped, WER ≤ file "
+                            f"+ {TARGET_WER_POINTS} pt",
+                            passed,
+                        )
+                    )
+        lines += [
+            "",
+            f"The clip part as a file (`POST /transcribe`): WER {file_wer:.1f} %; target for "
+            f"the finals: ≤ {file_wer + TARGET_WER_POINTS:.1f} %. Targets (quiet 2-core "
+            "machine): 1 session p95 final ≤ 1.0 s, 4 sessions ≤ 1.5 s, no `lag`, nothing "
+            "dropped.",
+        ]
+        errors = [f"- {r.name}/{r.sessions}: {x.error}" for r in self.results for x in r.runs]
+        errors = [e for e in errors if not e.endswith(": None")]
+        if errors:
+            lines += ["", "Errors:", *errors]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        self.servers.clear()
+
+
+async def _load_or_error(url: str, pcm: bytes, count: int) -> list[SessionRun]:
+    try:
+        return await load(url, pcm, count)
+    except Exception as exc:
+        return [SessionRun(error=f"{type(exc).__name__}: {exc}")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.liveload", description=__doc__)
+    parser.add_argument("--sessions", default="1,2,4", help="comma-separated session counts")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline server")
+    args = parser.parse_args(argv)
+    counts = tuple(int(n) for n in args.sessions.split(","))
+
+    class Ctx:
+        verdicts: list[tuple[str, bool]] = []  # noqa: RUF012
+
+    section = LiveLoadSection(counts, baseline=not args.no_baseline)
+    try:
+        section.setup(Ctx)
+        section.run_round(Ctx, 0)
+        print(section.report(Ctx))
+        for result in section.results:
+            for run in result.runs[:1]:
+                text = " ".join(f[2] for f in run.finals)
+                print(f"- {result.name}/{result.sessions}: {normalise(text)}", file=sys.stderr)
+    finally:
+        section.close()
+    return 0 if all(ok for _, ok in Ctx.verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
