@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -358,17 +359,29 @@ def _one_blas_thread() -> Iterator[None]:
     Threaded OpenBLAS made them 20x slower on a loaded 2-core machine; the appliance runs one
     worker per core anyway. Best effort: without an OpenBLAS we can find, nothing changes.
     """
+    global _blas_users, _blas_saved
     lib = _openblas()
     if lib is None:
         yield
         return
     get, set_ = lib
-    before = int(get())
-    set_(1)
+    with _blas_lock:  # workers diarizing at once: the first sets it, the last restores it
+        if _blas_users == 0:
+            _blas_saved = int(get())
+            set_(1)
+        _blas_users += 1
     try:
         yield
     finally:
-        set_(before)
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                set_(_blas_saved)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = 1
 
 
 @functools.cache

@@ -106,11 +106,17 @@ def parse_json(
             raise JSONInputError(413, "body_too_large", "the JSON is too large")
     check_depth(text, max_depth)
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except JSONInputError:
         raise
     except (ValueError, RecursionError):
         _invalid()
+    try:
+        # `"\ud800"` is valid JSON but no text: SQLite, logs and UTF-8 output would fail on it
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        _invalid("the JSON holds a lone surrogate (\\ud800-\\udfff) that is not text")
+    return value
 
 
 def parse_json_object(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from appliance.engines.device import (
     DeviceError,
     Placement,
     cuda_device_count,
+    preload_cuda_libraries,
     resolve,
 )
 from appliance.engines.faster_whisper_engine import FasterWhisperEngine
@@ -185,3 +187,24 @@ def test_serve_with_device_cuda_exits_with_the_reason(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "DEVICE=cuda but CTranslate2 sees no CUDA GPU" in done.stdout + done.stderr
+
+
+def test_preload_finds_the_wheels_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The nvidia-* wheels' lib folders, loaded without LD_LIBRARY_PATH (a real shared object
+    stands in for cuBLAS here; a broken file is reported, not raised)."""
+    lib = tmp_path / "fakewheels" / "cublas" / "lib"
+    lib.mkdir(parents=True)
+    shutil.copy("/lib/x86_64-linux-gnu/libz.so.1", lib / "libcublas.so.12")
+    (lib / "libcublasLt.so.12").write_bytes(b"not an ELF file")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wheels = (
+        ("fakewheels.cublas", ("libcublasLt.so.*", "libcublas.so.*")),
+        ("absent.cudnn", ("libcudnn*.so.*",)),
+    )
+    with caplog.at_level(logging.WARNING, "appliance.device"):
+        loaded = preload_cuda_libraries(wheels)
+    assert loaded == [str(lib / "libcublas.so.12")]
+    assert "could not load the CUDA library" in caplog.text
+    assert preload_cuda_libraries() == []  # this machine has no nvidia-* wheels

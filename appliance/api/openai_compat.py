@@ -51,6 +51,9 @@ class OpenAITranscriptionForm(BaseModel):
     )
     hotwords: str | None = Field(None, description="Extra: words to favour (faster-whisper)")
     vad_filter: bool | None = Field(False, description="Extra: skip silence with Silero VAD")
+    batched: bool | None = Field(
+        True, description="Extra: long files in VAD-chunked batches (false: sequential)"
+    )
     word_timestamps: bool | None = Field(
         False, description="Extra: word timestamps (verbose_json then lists words)"
     )
@@ -128,6 +131,7 @@ async def _handle(task: str) -> Response:
             prompt=upload.get("prompt"),
             temperature=parse_float("temperature", upload.get("temperature"), 0.0, 1.0),
             vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
+            batched=upload.get("batched"),
             hotwords=upload.get("hotwords"),
             **speakers,
         )

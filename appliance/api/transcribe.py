@@ -39,6 +39,9 @@ class TranscribeForm(BaseModel):
     format: str | None = Field("json", description="json, txt, srt, vtt or tsv")
     word_timestamps: bool | None = Field(False, description="Include word timestamps")
     vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
+    batched: bool | None = Field(
+        True, description="Long files: batched VAD-chunked decoding (false: sequential)"
+    )
     prompt: str | None = Field(None, description="Initial prompt (names, spelling)")
     hotwords: str | None = Field(None, description="Words to favour")
     diarize: bool | None = Field(False, description="Label speakers (who said what)")
@@ -91,6 +94,7 @@ async def _form_job(source: str) -> tuple[Job, str]:
             task=upload.get("task"),
             word_timestamps=parse_bool("word_timestamps", upload.get("word_timestamps")),
             vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
+            batched=upload.get("batched"),
             prompt=upload.get("prompt"),
             hotwords=upload.get("hotwords"),
             **parse_speakers(upload.get),

@@ -30,7 +30,7 @@ def create_engine(
     """
     cpu_workers = max(1, len(os.sched_getaffinity(0)))
     if name == "faster-whisper":
-        from appliance.engines.device import resolve
+        from appliance.engines.device import preload_cuda_libraries, resolve
         from appliance.engines.faster_whisper_engine import FasterWhisperEngine
 
         placement = resolve(
@@ -40,6 +40,8 @@ def create_engine(
             workers=workers,
             cpu_workers=cpu_workers,
         )
+        if placement.device == "cuda":
+            preload_cuda_libraries()
         return FasterWhisperEngine(
             placement.compute_type,
             cpu_threads,

@@ -10,6 +10,11 @@ The compute type is set per device: `COMPUTE_TYPE` (int8) on the CPU, `CUDA_COMP
 (float16) on a GPU, each checked against `ctranslate2.get_supported_compute_types(device)` so a
 type the hardware cannot run stops the start instead of failing at the first model load.
 
+CUDA libraries: CTranslate2 dlopens cuBLAS 12 and cuDNN 9 by soname. Installed as PyPI wheels
+(`nvidia-cublas-cu12`, `nvidia-cudnn-cu12`: requirements-gpu.lock) they sit in the venv's
+`nvidia/*/lib`, off the loader path; `preload_cuda_libraries` loads them first (RTLD_GLOBAL), so
+no LD_LIBRARY_PATH is needed (the GPU image sets it anyway).
+
 Workers on a GPU: each CTranslate2 worker holds its own copy of the model in GPU memory, so
 "one worker per CPU core" (`WORKER_PROCESSES=0`) becomes `GPU_WORKERS` replicas on the GPU
 (two: one decodes while the other's host-side work runs); an explicit WORKER_PROCESSES is kept.
@@ -17,9 +22,12 @@ Workers on a GPU: each CTranslate2 worker holds its own copy of the model in GPU
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance.config import DEVICES, ConfigError
 
@@ -106,3 +114,44 @@ def resolve(
         else:
             log.info("DEVICE=auto: no CUDA GPU visible, using the CPU (%s)", wanted)
     return Placement(chosen, wanted, max(1, count))
+
+
+CUDA_WHEELS = (
+    ("nvidia.cublas", ("libcublasLt.so.*", "libcublas.so.*")),
+    ("nvidia.cudnn", ("libcudnn*.so.*",)),
+)
+
+
+def preload_cuda_libraries(
+    wheels: tuple[tuple[str, tuple[str, ...]], ...] = CUDA_WHEELS,
+) -> list[str]:
+    """Load the CUDA libraries of the nvidia-* wheels globally; return the files loaded.
+
+    Libraries that need one not loaded yet are tried again after the others (cuDNN's parts
+    depend on each other); what cannot be loaded at all is left to CTranslate2's own error.
+    """
+    files: list[Path] = []
+    for package, patterns in wheels:
+        try:
+            spec = importlib.util.find_spec(package)
+        except ModuleNotFoundError:  # no `nvidia` namespace package at all
+            continue
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            files += sorted(f for pattern in patterns for f in (Path(root) / "lib").glob(pattern))
+    loaded: list[str] = []
+    pending = files
+    while pending:
+        failed = []
+        for path in pending:
+            try:
+                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                failed.append(path)
+            else:
+                loaded.append(str(path))
+        if len(failed) == len(pending):
+            for path in failed:
+                log.warning("could not load the CUDA library %s", path)
+            break
+        pending = failed
+    return loaded
