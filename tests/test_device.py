@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance.config import ConfigError, Settings
 from appliance.engines import create_engine
@@ -208,3 +210,65 @@ def test_preload_finds_the_wheels_libraries(
     assert loaded == [str(lib / "libcublas.so.12")]
     assert "could not load the CUDA library" in caplog.text
     assert preload_cuda_libraries() == []  # this machine has no nvidia-* wheels
+
+
+# --- the GPU image and compose service (not built here: no GPU, and ~1.3 GB of CUDA wheels) ---
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    text = "\n".join(
+        line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
+    steps = []
+    for step in text.replace("\\\n", " ").splitlines():
+        if step.strip():
+            word, _, rest = step.strip().partition(" ")
+            steps.append((word.upper(), " ".join(rest.split())))
+    return steps
+
+
+def test_gpu_dockerfile_extends_the_cpu_image() -> None:
+    steps = _instructions(ROOT / "Dockerfile.gpu")
+    words = [word for word, _ in steps]
+    assert set(words) <= {"ARG", "FROM", "USER", "COPY", "RUN", "ENV"}
+    assert steps[0] == ("ARG", "IMAGE=localhost/whisper-appliance:latest")
+    assert steps[1] == ("FROM", "${IMAGE}")
+    assert steps[-1] == ("USER", "whisper")  # the service never runs as root
+    run = next(args for word, args in steps if word == "RUN")
+    assert 'pip" install -r /opt/whisper-appliance/requirements-gpu.lock' in run
+    assert 'pip" uninstall -y pip' in run  # as in the CPU image
+    env = next(args for word, args in steps if word == "ENV")
+    site = "/opt/whisper-appliance/venv/lib/python3.11/site-packages"
+    assert f"LD_LIBRARY_PATH={site}/nvidia/cublas/lib:{site}/nvidia/cudnn/lib" in env
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
+    # the CPU image stays without CUDA, and the GPU list reaches the build context
+    assert "nvidia" not in (ROOT / "Dockerfile").read_text().lower()
+    assert "!requirements-gpu.lock" in (ROOT / ".dockerignore").read_text().splitlines()
+    pins = [
+        line for line in (ROOT / "requirements-gpu.lock").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]  # fmt: skip
+    assert [p.split("==")[0] for p in pins] == ["nvidia-cublas-cu12", "nvidia-cudnn-cu12"]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in pins)
+    assert pins[1].split("==")[1].startswith("9.")  # CTranslate2 4.5+ needs cuDNN 9
+
+
+def test_compose_gpu_service() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    cpu = compose["services"]["whisper-appliance"]
+    gpu = compose["services"]["whisper-appliance-gpu"]
+    assert gpu["profiles"] == ["gpu"]  # `docker compose up` alone still starts the CPU service
+    assert gpu["build"]["dockerfile"] == "Dockerfile.gpu"
+    assert gpu["build"]["args"]["IMAGE"] == cpu["image"]  # built on the CPU image
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
+    for key in ("ports", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt"):
+        assert gpu[key] == cpu[key], key  # the same hardening and data as the CPU service
+    known = {row[0] for row in Settings.documentation()}
+    assert set(gpu["environment"]) <= known
+    settings = Settings.from_env({k: str(v) for k, v in gpu["environment"].items()})
+    assert (settings.device, settings.cuda_compute_type) == ("cuda", "float16")

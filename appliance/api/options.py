@@ -106,7 +106,10 @@ def build_options(
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     max_speakers: int | None = None,
+    batched: str | None = None,
 ) -> TranscribeOptions:
+    """`batched` is the raw form field: true (the default) decodes long files in VAD-chunked
+    batches over every core, false with Whisper's sequential decoding (README, "Models")."""
     lang = parse_language(language)
     chosen_task = parse_task(task)
     temp: float | tuple[float, ...] = (
@@ -125,4 +128,5 @@ def build_options(
         num_speakers=num_speakers,
         min_speakers=min_speakers,
         max_speakers=max_speakers,
+        batched=parse_bool("batched", batched, default=True),
     )

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 
@@ -36,12 +37,13 @@ case "$1" in
   available) printf 'system debian-12-standard_12.7-1_amd64.tar.zst\\n' ;;
 esac
 """
-FAKE_LDCONFIG = """#!/bin/sh
+LIB = "/usr/lib/x86_64-linux-gnu"
+FAKE_LDCONFIG = f"""#!/bin/sh
 echo "1234 libs found in cache \\`/etc/ld.so.cache'"
-echo "	libnvidia-ptxjitcompiler.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libnvidia-ptxjitcompiler.so.1"
-echo "	libnvidia-ml.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"
+echo "	libnvidia-ptxjitcompiler.so.1 (libc6,x86-64) => {LIB}/libnvidia-ptxjitcompiler.so.1"
+echo "	libnvidia-ml.so.1 (libc6,x86-64) => {LIB}/libnvidia-ml.so.1"
 echo "	libcuda.so.1 (libc6) => /usr/lib/i386-linux-gnu/libcuda.so.1"
-echo "	libcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1"
+echo "	libcuda.so.1 (libc6,x86-64) => {LIB}/libcuda.so.1"
 echo "	libc.so.6 (libc6,x86-64, OS ABI: Linux 3.2.0) => /lib/x86_64-linux-gnu/libc.so.6"
 """
 FAKE_SMI = """#!/bin/sh
@@ -110,7 +112,10 @@ def _run(
             "proxmox_lxc_ssh_public_key_file": str(key),
             "proxmox_lxc_network_timeout": 1,
             "proxmox_lxc_gpu": "nvidia",
-            "proxmox_lxc_gpu_binaries": [str(bin_dir / "nvidia-smi"), "/nonexistent/nvidia-debugdump"],
+            "proxmox_lxc_gpu_binaries": [
+                str(bin_dir / "nvidia-smi"),
+                "/nonexistent/nvidia-debugdump",
+            ],
             **variables,
         },
         "roles": ["proxmox_lxc"],
@@ -172,13 +177,14 @@ def test_lxc_method_writes_cgroup_rules_and_binds(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     dev = tmp_path / "dev"
     smi = tmp_path / "bin" / "nvidia-smi"
+    bind = "none bind,optional,create=file"
     lines = [
         # majors read from /proc/devices (character devices only)
         "lxc.cgroup2.devices.allow: c 195:* rwm",
         "lxc.cgroup2.devices.allow: c 503:* rwm",
         "lxc.cgroup2.devices.allow: c 506:* rwm",
         f"lxc.mount.entry: {dev}/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file",
-        f"lxc.mount.entry: {dev}/nvidia-uvm-tools dev/nvidia-uvm-tools none bind,optional,create=file",
+        f"lxc.mount.entry: {dev}/nvidia-uvm-tools dev/nvidia-uvm-tools {bind}",
         f"lxc.mount.entry: {dev}/nvidia0 dev/nvidia0 none bind,optional,create=file",
         f"lxc.mount.entry: {dev}/nvidia1 dev/nvidia1 none bind,optional,create=file",
         f"lxc.mount.entry: {dev}/nvidiactl dev/nvidiactl none bind,optional,create=file",
@@ -258,7 +264,43 @@ def test_adopted_stopped_container_is_not_restarted(tmp_path: Path) -> None:
 def test_missing_uvm_node_stops_with_a_hint(
     tmp_path: Path, nodes: tuple[str, ...], message: str
 ) -> None:
-    result, calls, conf = _run(tmp_path, {}, nodes=nodes)
+    result, _, conf = _run(tmp_path, {}, nodes=nodes)
     assert result.returncode != 0
     assert message in result.stdout and "nvidia-modprobe -u -c0" in result.stdout
     assert "lxc." not in conf
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
+def test_service_unit_opens_only_the_nvidia_devices(device: str) -> None:
+    """whisper_appliance_device other than cpu: the unit lets the service reach the GPU."""
+    defaults = yaml.safe_load((ROOT / "roles/whisper_appliance/defaults/main.yml").read_text())
+    env = jinja2.Environment(  # noqa: S701 - a systemd unit and an env file, not HTML
+        keep_trailing_newline=True, trim_blocks=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters["bool"] = bool
+    variables = {
+        **defaults,
+        "whisper_appliance_device": device,
+        "ansible_managed": "managed",
+        "__whisper_appliance_memory_max": "1312M",
+        "__whisper_appliance_bind_cap": False,
+    }
+    templates = ROOT / "roles/whisper_appliance/templates"
+    unit = env.from_string((templates / "whisper-appliance.service.j2").read_text()).render(
+        **variables
+    )
+    lines = unit.splitlines()
+    assert "DevicePolicy=closed" in lines
+    allowed = [line for line in lines if line.startswith("DeviceAllow=")]
+    if device == "cpu":
+        assert "PrivateDevices=yes" in lines and not allowed
+    else:
+        assert "PrivateDevices=no" in lines
+        assert allowed == [
+            "DeviceAllow=char-nvidia-frontend rw",
+            "DeviceAllow=char-nvidia-uvm rw",
+            "DeviceAllow=char-nvidia-caps r",
+        ]
+    settings = env.from_string((templates / "env.j2").read_text()).render(**variables)
+    assert f"DEVICE={device}\n" in settings
+    assert "CUDA_COMPUTE_TYPE=float16\n" in settings
