@@ -46,6 +46,10 @@ RUN --mount=type=bind,source=dist/wheelhouse,target=/wheelhouse \
     /opt/whisper-appliance/venv/bin/pip uninstall -y pip; \
     whisper-appliance --version
 
+# The speaker model for diarization (`make dist` converts it into the wheelhouse), where the
+# app looks after DATA_DIR/models: `diarize=true` works offline with an empty /data volume.
+COPY dist/wheelhouse/models/speaker-ge2e.npz /opt/whisper-appliance/models/
+
 USER whisper
 WORKDIR /data
 VOLUME ["/data"]

@@ -231,10 +231,37 @@ def fetch(data_dir: Path, index: str | None = None) -> Path:
         return convert(pt, target)
 
 
+def _install_model_dirs(prefix: Path) -> tuple[Path, ...]:
+    """`models/` of the install the app runs from: the folder above its virtual environment
+    (the Docker image: /opt/whisper-appliance/venv), or the Ansible role's install home above
+    `releases/<version>/venv` or `current/venv`; then the default home, /opt/whisper-appliance."""
+    above = prefix.parent
+    homes = [above]
+    if above.name == "current" or above.parent.name == "releases":
+        homes = [above.parent if above.name == "current" else above.parent.parent]
+    homes.append(Path("/opt/whisper-appliance"))
+    return tuple(dict.fromkeys(home / "models" for home in homes))
+
+
+# Where a deploy ships the converted weights outside the data dir (from the wheelhouse's
+# models/, written by `make dist`): the Dockerfile and the Ansible role (so the CT template too,
+# whose data dir is emptied) put them in the install's models/ folder, root's and read-only.
+PACKAGED_MODEL_DIRS: tuple[Path, ...] = _install_model_dirs(Path(sys.prefix))
+
+
+def weight_locations(data_dir: Path | None) -> list[Path]:
+    """The converted weights' candidate paths, first found wins: DATA_DIR/models (what `fetch`
+    writes, and where an operator may put a copy), then the install's models/ folder."""
+    dirs = [data_dir / "models"] if data_dir is not None else []
+    return [d / NPZ_NAME for d in (*dirs, *PACKAGED_MODEL_DIRS)]
+
+
 def find_weights(data_dir: Path | None) -> Path | None:
-    """The converted weights in the data dir, else Resemblyzer's own file if it is installed."""
-    if data_dir is not None and (data_dir / "models" / NPZ_NAME).is_file():
-        return data_dir / "models" / NPZ_NAME
+    """The converted weights (see `weight_locations`), else Resemblyzer's own file if it is
+    installed."""
+    for candidate in weight_locations(data_dir):
+        if candidate.is_file():
+            return candidate
     spec = importlib.util.find_spec("resemblyzer")  # finds the package without importing torch
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:

@@ -2,7 +2,8 @@
 # Builds dist/wheelhouse/: the appliance wheel plus every wheel pinned in requirements.lock
 # (bundled models included), for CPython 3.11 on x86_64 Linux (Debian 12's python3), so a
 # target installs with `pip install --no-index --find-links dist/wheelhouse whisper-appliance`
-# and never needs PyPI. Writes VERSION, PYTHON and SHA256SUMS next to the wheels.
+# and never needs PyPI. Writes VERSION, PYTHON and SHA256SUMS next to the wheels, and the
+# diarization speaker model as models/speaker-ge2e.npz (its checksum in SHA256SUMS too).
 # DIST_PYTHON=3.12 builds dist/wheelhouse-py3.12 instead (Ubuntu 24.04).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,13 +37,27 @@ version=$(printf '%s' "$wheel" | cut -d- -f2)
 [ -n "$version" ] || { echo "no whisper_appliance wheel was built" >&2; exit 1; }
 printf '%s\n' "$version" >"$TMP/VERSION"
 printf '%s\n' "$DIST_PYTHON" >"$TMP/PYTHON"
-(cd "$TMP" && sha256sum -- *.whl >SHA256SUMS)
+
+# The speaker model for diarization, so no deploy path needs the network for it: Resemblyzer's
+# GE2E weights converted to .npz by `python -m appliance.diarize fetch` (the sha256-pinned wheel
+# from the configured index; kept in .cache/speaker like `make setup` does). The role copies it
+# into DATA_DIR/models, the Dockerfile into /opt/whisper-appliance/models.
+SPEAKER=.cache/speaker/models/speaker-ge2e.npz
+if [ ! -f "$SPEAKER" ]; then
+  msg "converting the speaker model (Resemblyzer wheel, sha256-pinned)"
+  "$VENV/bin/python" -m appliance.diarize fetch .cache/speaker >/dev/null
+fi
+install -D -m 0644 "$SPEAKER" "$TMP/models/speaker-ge2e.npz"
+"$VENV/bin/python" -c 'import sys; from pathlib import Path; from appliance.diarize import SpeakerEncoder; SpeakerEncoder.load(Path(sys.argv[1]))' \
+  "$TMP/models/speaker-ge2e.npz" || { echo "$SPEAKER is not a usable speaker model" >&2; exit 1; }
+(cd "$TMP" && sha256sum -- *.whl models/speaker-ge2e.npz >SHA256SUMS)
 
 # Every pinned requirement must have exactly one wheel here, or the offline install fails later.
 expected=$(grep -cvE '^\s*(#|$)' requirements.lock)
 got=$(( $(find "$TMP" -maxdepth 1 -name '*.whl' | wc -l) - 1 ))
 [ "$got" -eq "$expected" ] || { echo "expected $expected dependency wheels, got $got" >&2; exit 1; }
+[ "$(grep -c ' models/speaker-ge2e.npz$' "$TMP/SHA256SUMS")" -eq 1 ] || { echo "no speaker model in SHA256SUMS" >&2; exit 1; }
 
 rm -rf "$OUT"
 mv "$TMP" "$OUT"
-msg "$OUT: whisper-appliance $version + $got wheels, $(du -sh "$OUT" | cut -f1)"
+msg "$OUT: whisper-appliance $version + $got wheels + speaker model, $(du -sh "$OUT" | cut -f1)"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -31,6 +32,7 @@ from appliance.engines.device import (
     resolve,
 )
 from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+from tests.conftest import Server
 
 CUDA = "cuda"
 CPU_TYPES = {"int8", "int8_float32", "int16", "float32"}
@@ -272,3 +274,9 @@ def test_compose_gpu_service() -> None:
     assert set(gpu["environment"]) <= known
     settings = Settings.from_env({k: str(v) for k, v in gpu["environment"].items()})
     assert (settings.device, settings.cuda_compute_type) == ("cuda", "float16")
+
+
+def test_status_reports_the_device_in_use(server: Server) -> None:
+    status = httpx.get(f"{server.url}/api/status", timeout=30).json()
+    assert (status["device"], status["compute_type"]) == ("cpu", "int8")  # DEVICE=auto, no GPU
+    assert "DEVICE=auto: no CUDA GPU visible, using the CPU (int8)" in server.output()

@@ -11,19 +11,24 @@ the full window. Other engines go through the generic `LoadedModel.transcribe`.
 Batching: every live session has its own `Decoder`, but the decoders of one faster-whisper model
 share a `BatchScheduler`. A decode submitted while another session's decode of the same shape
 (encoder window, beam size, prompt) is waiting is run in the same CTranslate2 `encode` +
-`generate` call: one batch for several sessions instead of one call after another. A lone
-session never waits; with several, the first to arrive waits `BATCH_COLLECT_SECONDS` for the
-others. At most `num_workers` batches run at once (one per CTranslate2 worker).
+`generate` call: one batch for several sessions instead of one call after another. Batching is
+opportunistic: at most `num_workers` batches run at once (one per CTranslate2 worker, each on
+its `CPU_THREADS`), a decode that finds a worker free runs at once, and only decodes that queue
+behind busy workers are merged — on a CPU, a batch of two on one core takes about as long as
+two decodes side by side on two cores, so batching must never take the place of parallelism.
+Finals go before partials in the queue.
 
 Calls are blocking; the live session runs them in a worker thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +46,7 @@ APPEND_PUNCTUATIONS = "\"'.\u3002,\uff0c!\uff01?\uff1f:\uff1a\u201d)]}\u3001"
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4
-BATCH_COLLECT_SECONDS = 0.005
+BATCH_COLLECT_SECONDS = 0.0  # a leader's wait for others (0: batch only what already queues)
 MAX_BATCH = 8
 WINDOW_QUANTUM_FRAMES = 200  # windows above the minimum round up to 2 s: more batch together
 
@@ -56,11 +61,17 @@ class Hypothesis:
     seconds: float = 0.0
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
+    # word timings on demand, for a decode made without them (a partial that may end a
+    # sentence); holds the encoder output, so drop it once used
+    align: Callable[[], list[Word]] | None = field(default=None, repr=False, compare=False)
 
 
 def compression_ratio(text: str) -> float:
     data = text.encode()
     return len(data) / max(1, len(zlib.compress(data)))
+
+
+_SERIALS = itertools.count()
 
 
 @dataclass(eq=False)  # identity: `in` on pending lists must not compare arrays
@@ -72,6 +83,8 @@ class _Request:
     beam_size: int
     max_new: int
     suppress: tuple[int, ...]
+    priority: int = 1  # 0: a final (goes first), 1: a partial
+    serial: int = field(default_factory=lambda: next(_SERIALS))
     done: bool = False
     result: Any = None
     encoded: Any = None  # this request's encoder output (a batch of one)
@@ -85,10 +98,11 @@ class _Request:
 class BatchScheduler:
     """Runs the decodes of all live sessions of one model, batching those of the same shape.
 
-    `submit` blocks until its request is decoded. Whoever finds a free worker slot leads: it
-    waits `collect_seconds` (only when other sessions exist) for more requests, takes every
-    pending one of its shape (up to `max_batch`), runs one `encode` + `generate` for them all
-    and wakes their callers. The others wait, or lead the next batch when a slot frees up.
+    `submit` blocks until its request is decoded. The first request in line (finals before
+    partials, then by arrival) leads when a worker slot is free: it waits `collect_seconds`
+    (only when other sessions exist) for more requests, takes every pending one of its shape
+    (up to `max_batch`), runs one `encode` + `generate` for them all and wakes their callers.
+    The others wait, or lead the next batch when a slot frees up.
     """
 
     def __init__(
@@ -118,7 +132,9 @@ class BatchScheduler:
             self._cond.notify_all()
         while True:
             with self._cond:
-                while request in self._pending and self._active >= self.workers:
+                while request in self._pending and (
+                    self._active >= self.workers or self._first() is not request
+                ):
                     self._cond.wait()
                 if request not in self._pending:  # another leader took it
                     while not request.done:
@@ -142,6 +158,10 @@ class BatchScheduler:
                 with self._cond:
                     self._active -= 1
                     self._cond.notify_all()
+
+    def _first(self) -> _Request:
+        """The request next in line: finals first, then the oldest."""
+        return min(self._pending, key=lambda r: (r.priority, r.serial))
 
     def _collect(self) -> None:
         """Give the other sessions' decodes a moment to join this batch."""
@@ -319,18 +339,25 @@ class Decoder:
         frames = int(features.shape[-1])
         seconds = audio.size / SAMPLE_RATE
         window = window_frames(seconds)
-        hyp = self._generate(features, frames, window, seconds, words, beam)
+        hyp = self._generate(features, frames, window, seconds, words, beam, final)
         degenerate = (
             compression_ratio(hyp.text) > COMPRESSION_RATIO_THRESHOLD or hyp.avg_logprob < -1.5
         )
         if degenerate and not final:
             return Hypothesis("", language=hyp.language)  # skip this partial; the next may do
         if degenerate and window < FULL_CONTEXT_FRAMES:
-            hyp = self._generate(features, frames, FULL_CONTEXT_FRAMES, seconds, words, beam)
+            hyp = self._generate(features, frames, FULL_CONTEXT_FRAMES, seconds, words, beam, final)
         return hyp
 
     def _generate(
-        self, features: Any, frames: int, window: int, seconds: float, words: bool, beam: int
+        self,
+        features: Any,
+        frames: int,
+        window: int,
+        seconds: float,
+        words: bool,
+        beam: int,
+        final: bool,
     ) -> Hypothesis:
         from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
@@ -352,7 +379,12 @@ class Decoder:
         prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
         max_new = int(seconds * TOKENS_PER_SECOND) + 16
         request = _Request(
-            padded, prompt, beam, max_new, tuple(get_suppressed_tokens(tokenizer, [-1]))
+            padded,
+            prompt,
+            beam,
+            max_new,
+            tuple(get_suppressed_tokens(tokenizer, [-1])),
+            priority=0 if final else 1,
         )
         if self.scheduler is not None and encoded is None:
             self.scheduler.submit(request)
@@ -365,11 +397,12 @@ class Decoder:
         avg_logprob = float(result.scores[0]) * len(tokens) / (len(tokens) + 1) if tokens else 0.0
         if len(tokens) >= max_new:
             avg_logprob = min(avg_logprob, -2.0)  # ran into the limit: most likely a loop
-        found: list[Word] = []
-        if words and tokens:
-            alignment = whisper.find_alignment(tokenizer, [tokens], request.encoded, used)[0]
+        encoder_output = request.encoded
+
+        def align() -> list[Word]:
+            alignment = whisper.find_alignment(tokenizer, [tokens], encoder_output, used)[0]
             merge_punctuations(alignment, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS)
-            found = [
+            return [
                 Word(
                     round(float(w["start"]), 2),
                     round(float(w["end"]), 2),
@@ -379,13 +412,18 @@ class Decoder:
                 for w in alignment
                 if w["word"]
             ]
-        return Hypothesis(
+
+        hyp = Hypothesis(
             text=text,
-            words=found,
             language=language,
             no_speech_prob=float(result.no_speech_prob),
             avg_logprob=avg_logprob,
         )
+        if tokens and words:
+            hyp.words = align()
+        elif tokens:
+            hyp.align = align
+        return hyp
 
 
 def window_frames(seconds: float) -> int:

@@ -444,7 +444,6 @@ class LiveTranscriber:
                     utterance=utt,
                     end=end,
                     arrived=self.arrival(end),
-                    words=self.config.sentence_commits,
                 )
             return None
 
@@ -490,6 +489,7 @@ class LiveTranscriber:
             if utt is not self.utterance:
                 return []  # the utterance ended meanwhile: its final replaces this partial
             committed = self._commit_sentence(utt, hyp, job)
+            hyp.align = None  # let the encoder output go
             if committed is not None:
                 return committed
             return self._partial(utt, hyp, job.end, job.arrived)
@@ -523,18 +523,28 @@ class LiveTranscriber:
         with the rest as a new utterance from the gap after it."""
         cfg = self.config
         previous = self.agreement.previous
-        words = hyp.words
-        if not cfg.sentence_commits or not previous or len(words) < 2:
+        tokens = hyp.text.split()
+        if not cfg.sentence_commits or not previous or len(tokens) < 2:
             return None
         if self.closed or self._finals_running:
             return None  # finals go out in order: an older one is still on its way
         agreed = 0
-        for a, w in zip(previous, words, strict=False):
-            if _norm(a) != _norm(w.word):
+        for a, b in zip(previous, tokens, strict=False):
+            if _norm(a) != _norm(b):
                 break
             agreed += 1
-        for k in range(min(agreed, len(words) - 1) - 1, -1, -1):
-            if _ends_sentence(words[k].word) and words[k].end >= cfg.sentence_min_seconds:
+        # sentence ends in the agreed prefix with a word after them, the latest first
+        last = min(agreed, len(tokens) - 1) - 1
+        ends = [k for k in range(last, -1, -1) if _ends_sentence(tokens[k])]
+        if not ends:
+            return None
+        if not hyp.words and hyp.align is not None:
+            hyp.words = hyp.align()  # word timings only for a decode that may commit
+        words = hyp.words
+        if [_norm(w.word) for w in words] != [_norm(t) for t in tokens]:
+            return None  # the alignment split the text otherwise: no reliable times
+        for k in ends:
+            if words[k].end >= cfg.sentence_min_seconds:
                 cut = self._sentence_cut(utt, words[k], words[k + 1], job.end)
                 if cut is not None:
                     break

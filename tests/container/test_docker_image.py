@@ -1,6 +1,7 @@
 """The Docker image, built from the Dockerfile with podman and run the way compose.yaml runs it
 (read-only root, no capabilities, a volume for /data): health, a real transcription of JFK,
-a non-root service and a passing HEALTHCHECK.
+offline diarization with the packaged speaker model, a non-root service and a passing
+HEALTHCHECK.
 
 WA_WHEELHOUSE overrides dist/wheelhouse; WA_IMAGE_BASE picks the base image (`make
 test-container` passes the local Debian base it builds from Debian's archive; Docker Hub's
@@ -118,6 +119,24 @@ def test_transcribes_a_real_clip(container: tuple[str, str], jfk_wav: Path) -> N
         )
     assert r.status_code == 200, r.text
     assert JFK_WORDS in r.json()["text"].lower().replace(",", "")
+
+
+def test_diarizes_offline_with_the_packaged_model(container: tuple[str, str]) -> None:
+    """The speaker model ships in the image (/opt/whisper-appliance/models, from the
+    wheelhouse): with an empty /data volume and no network, diarize=true labels two speakers."""
+    name, url = container
+    assert "speaker-ge2e.npz" in podman("exec", name, "ls", "/opt/whisper-appliance/models").stdout
+    assert "speaker-ge2e.npz" not in podman("exec", name, "ls", "-R", "/data").stdout
+    clip = ROOT / ".cache" / "clips" / "diarization" / "sample.wav"
+    with clip.open("rb") as f:
+        r = httpx.post(
+            f"{url}/transcribe",
+            files={"file": ("sample.wav", f, "audio/wav")},
+            data={"diarize": "true", "num_speakers": "2"},
+            timeout=300,
+        )
+    assert r.status_code == 200, r.text
+    assert {s["speaker"] for s in r.json()["segments"]} == {"Speaker 1", "Speaker 2"}
 
 
 def test_runs_as_a_non_root_user(container: tuple[str, str]) -> None:

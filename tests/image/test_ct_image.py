@@ -213,6 +213,13 @@ def test_image_carries_no_secret_of_the_build(listing: dict[str, tuple[str, int]
     assert not logs, f"logs of the build: {logs}"
 
 
+def test_image_carries_the_speaker_model(listing: dict[str, tuple[str, int]]) -> None:
+    """Diarization works offline in every CT from the image: the model is beside the releases
+    (root's), not in the data dir that the image empties."""
+    owner, size = listing["./opt/whisper-appliance/models/speaker-ge2e.npz"]
+    assert owner == "0/0" and size > 5_000_000
+
+
 def test_image_has_the_appliance_with_root_owned_files(listing: dict[str, tuple[str, int]]) -> None:
     # A template's files belong to the CT's own ids: pct shifts them for unprivileged CTs.
     assert listing["./etc/passwd"][0] == "0/0"

@@ -73,3 +73,11 @@ export async function copyText(text) {
 export function announce(target, text) {
   target.textContent = text;
 }
+
+/** The colour class of a speaker label, the same in every view: "Speaker 3" -> "spk-2"
+ * (8 colours, then they repeat); any other label by its place in `labels`. */
+export function speakerClass(label, labels = []) {
+  const numbered = /^Speaker (\d+)$/.exec(label || "");
+  const index = numbered ? Number(numbered[1]) - 1 : Math.max(0, labels.indexOf(label));
+  return `spk-${index % 8}`;
+}

@@ -2,7 +2,7 @@
 // nudge their times, rename speakers, undo/redo, compare with the original (or any revision)
 // and save as a new revision. Saving sends the revision the edit started from: when another
 // tab saved first, the server answers 409 and nothing is overwritten without asking.
-import { clock, el, errorMessage } from "./dom.js";
+import { clock, el, errorMessage, speakerClass } from "./dom.js";
 
 const STEP = 0.1; // seconds per nudge
 const UNDO_LIMIT = 500;
@@ -187,7 +187,7 @@ export class Editor {
   }
 
   colour(label) {
-    return `spk-${this.labels().indexOf(label) % 8}`;
+    return speakerClass(label, this.labels());
   }
 
   renderSpeakers() {

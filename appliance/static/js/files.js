@@ -1,19 +1,25 @@
 // Files panel: drop or pick files; per file upload progress, queue position / ETA,
 // transcription percent (job events), the result with clickable segments, copy, downloads
 // and cancel.
-import { FORMATS, api, clock, copyText, el } from "./dom.js";
+import { FORMATS, api, clock, copyText, el, speakerClass } from "./dom.js";
 import { keptAudio } from "./editor.js";
 
 const list = () => document.getElementById("file-list");
 let uploads = Promise.resolve(); // one upload at a time; transcription runs in the queue
 
 function options() {
-  return {
+  const chosen = {
     model: document.getElementById("file-model").value,
     language: document.getElementById("file-language").value,
     task: document.getElementById("file-task").value,
     word_timestamps: document.getElementById("file-words").checked ? "true" : "false",
   };
+  if (document.getElementById("file-diarize").checked) {
+    chosen.diarize = "true";
+    const speakers = document.getElementById("file-speakers").value.trim();
+    if (speakers) chosen.num_speakers = speakers; // empty: the appliance estimates the count
+  }
+  return chosen;
 }
 
 class FileCard {
@@ -174,6 +180,7 @@ class FileCard {
         stopAt = null;
       }
     });
+    const labels = [...new Set(result.segments.map((s) => s.speaker).filter(Boolean))].sort();
     const segments = el(
       "ol",
       { class: "segments" },
@@ -194,6 +201,13 @@ class FileCard {
               },
             },
             el("span", { class: "time" }, `${clock(segment.start, true)} → ${clock(segment.end, true)}`),
+            segment.speaker
+              ? el(
+                  "span",
+                  { class: `speaker-label ${speakerClass(segment.speaker, labels)}`, dataset: { speaker: segment.speaker } },
+                  segment.speaker,
+                )
+              : null,
             el("span", { class: "text" }, segment.text.trim()),
           ),
         ),

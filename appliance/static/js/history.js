@@ -1,5 +1,5 @@
 // History panel: list (newest first), full-text search, open, edit, export, delete.
-import { FORMATS, api, clock, duration, el } from "./dom.js";
+import { FORMATS, api, clock, duration, el, speakerClass } from "./dom.js";
 import { Editor } from "./editor.js";
 
 const PAGE = 30;
@@ -93,7 +93,9 @@ function showEntry(entry) {
         {},
         el("span", { class: "time" }, `${clock(s.start, true)} → ${clock(s.end, true)}`),
         " ",
-        s.speaker ? el("strong", { class: `spk-${labels.indexOf(s.speaker) % 8}` }, `${names[s.speaker] || s.speaker}: `) : "",
+        s.speaker
+          ? el("strong", { class: `speaker-label ${speakerClass(s.speaker, labels)}`, dataset: { speaker: s.speaker } }, `${names[s.speaker] || s.speaker}: `)
+          : "",
         s.text.trim(),
       ),
     ),
