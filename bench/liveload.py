@@ -43,6 +43,7 @@ import numpy as np
 
 from bench.common import CLIPS, ROOT, clips, normalise, wer
 from bench.live import FRAME_SAMPLES, RATE, percentile, read_pcm
+from bench.service import cpu_seconds
 
 CALL = CLIPS / "diarization" / "sample.wav"
 GAP_RANGE = (0.2, 0.4)
@@ -242,6 +243,7 @@ class Result:
     sessions: int
     runs: list[SessionRun]
     load: float
+    cpu: float = float("nan")  # CPU seconds the server spent on the run (load-independent)
 
     def summary(self, conv: Conversation, file_text: dict[str, str]) -> dict[str, Any]:
         finals = [f[0] for r in self.runs for f in r.finals]
@@ -310,8 +312,10 @@ class LiveLoadSection:
             for name, server in self.servers.items():
                 print(f"liveload: {count} session(s), {name}", file=sys.stderr, flush=True)
                 load = os.getloadavg()[0]
+                before = cpu_seconds(server.process.pid)
                 runs = asyncio.run(_load_or_error(server.url, self.conv.pcm, count))
-                self.results.append(Result(name, count, runs, load))
+                cpu = cpu_seconds(server.process.pid) - before
+                self.results.append(Result(name, count, runs, load, cpu))
 
     def report(self, ctx: Any) -> str:
         if self.reason:
@@ -324,20 +328,24 @@ class LiveLoadSection:
         lines = [
             f"{seconds:.0f} s of conversation per session ({conv.boundary:.0f} s two-speaker "
             "call, then the clips with 0.2-0.4 s gaps), tiny.en int8, real-time pace, 200 ms "
-            f"frames, {os.cpu_count()} cores; load average (1 min) before each run in the table. "
+            f"frames, {os.cpu_count()} cores; load average (1 min) before each run in the table; "
+            "server CPU: user + system seconds of the server per second of session audio "
+            "(what the decoding costs, much less sensitive to other load than latency). "
             "Latencies in seconds on the client's clock. `now`: sentence commits + batched "
             "decodes; `baseline`: both off (the previous behaviour), run right after on a "
             "second server.",
             "",
-            "| sessions | server | load | final p50 | final p95 | partial p50 | partial p95 | "
-            "`lag` | dropped | finals (reasons) | WER clips | WER call vs file |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| sessions | server | load | server CPU s / audio s | final p50 | final p95 | "
+            "partial p50 | partial p95 | `lag` | dropped | finals (reasons) | WER clips | "
+            "WER call vs file |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.results:
             s = r.summary(conv, self.file_text)
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items()))
             lines.append(
-                f"| {r.sessions} | {r.name} | {r.load:.1f} | {s['final_p50']:.2f} | "
+                f"| {r.sessions} | {r.name} | {r.load:.1f} | "
+                f"{r.cpu / (seconds * r.sessions):.2f} | {s['final_p50']:.2f} | "
                 f"{s['final_p95']:.2f} | {s['partial_p50']:.2f} | {s['partial_p95']:.2f} | "
                 f"{s['lag']} | {s['dropped']} | {s['finals']} ({reasons}) | "
                 f"{s['wer_clips']:.1f} % | {s['wer_call_vs_file']:.1f} % |"
