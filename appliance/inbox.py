@@ -260,12 +260,12 @@ class Inbox:
             raise InboxUnavailableError(f"WATCH_DIR {self.root} is not usable: {exc}") from None
         fds = {"root": root}
         try:
-            # group-writable despite the umask; setgid kept, so the share's group follows
-            mode = _DIR_MODE | (os.fstat(root).st_mode & stat.S_ISGID)
             for name in (DONE, FAILED, PROCESSING):
                 created = False
                 try:
-                    os.mkdir(name, mode, dir_fd=root)
+                    # never a setgid bit in the mode (systemd's RestrictSUIDSGID refuses it);
+                    # the kernel passes a setgid parent's bit on by itself
+                    os.mkdir(name, _DIR_MODE, dir_fd=root)
                     created = True
                 except FileExistsError:
                     pass
@@ -277,9 +277,12 @@ class Inbox:
                     raise InboxUnavailableError(
                         f"{self.root / name} must be a folder (not a link or a file): {exc}"
                     ) from None
-                if created:
+                if created:  # group-writable despite the umask, setgid kept; refused in the
+                    # sandbox when setgid: the inbox_share role makes these folders itself
                     with contextlib.suppress(OSError):
-                        os.fchmod(fds[name], mode)
+                        os.fchmod(
+                            fds[name], _DIR_MODE | (os.fstat(fds[name]).st_mode & stat.S_ISGID)
+                        )
             yield fds
         finally:
             for fd in fds.values():

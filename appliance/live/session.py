@@ -552,8 +552,16 @@ class LiveTranscriber:
             return None
         speech_end = min(cut, utt.start + int(words[k].end * SAMPLE_RATE))
         offset = utt.start / SAMPLE_RATE
+        # the cut follows the VAD, which may place the pause a little before the (rough)
+        # aligned end of the last word: no word time goes past the end of its final
+        limit = cut / SAMPLE_RATE
         kept = [
-            Word(round(w.start + offset, 2), round(w.end + offset, 2), w.word, w.probability)
+            Word(
+                round(min(w.start + offset, limit), 2),
+                round(min(w.end + offset, limit), 2),
+                w.word,
+                w.probability,
+            )
             for w in words[: k + 1]
         ]
         text = "".join(w.word for w in words[: k + 1]).strip()
