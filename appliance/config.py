@@ -374,13 +374,13 @@ class Settings:
     live_sentence_commits: bool = _env(
         "LIVE_SENTENCE_COMMITS",
         parse_bool,
-        True,
+        False,
         "Live finals per sentence as soon as two decodes agree on it (else at pauses only)",
     )
     live_batch_decodes: bool = _env(
         "LIVE_BATCH_DECODES",
         parse_bool,
-        True,
+        False,
         "Decode the live sessions of one model together, in one batch per engine call",
     )
     update_source: str = _env(

@@ -237,6 +237,8 @@ class Server:
 
 
 BASELINE_ENV = {"LIVE_SENTENCE_COMMITS": "false", "LIVE_BATCH_DECODES": "false"}
+# the features under test (off by default until this bench shows they help on a quiet machine)
+FEATURES_ENV = {"LIVE_SENTENCE_COMMITS": "true", "LIVE_BATCH_DECODES": "true"}
 
 
 @dataclass
@@ -299,7 +301,7 @@ class LiveLoadSection:
     def setup(self, ctx: Any) -> None:
         try:
             self.conv = conversation()
-            self.servers["now"] = Server({})
+            self.servers["now"] = Server(FEATURES_ENV)
             if self.baseline:
                 self.servers["baseline"] = Server(BASELINE_ENV)
             url = self.servers["now"].url
