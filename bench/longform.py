@@ -13,8 +13,9 @@ both engines use every core):
 
 - `faster-whisper sequential`: `WhisperModel.transcribe` (beam 5, temperature fallback,
   conditioned on the previous text), as the service decodes with `batched=false`;
-- `faster-whisper batched`: the service's file path (`batched=true`, the default): Silero VAD
-  chunks decoded in batches spread over every core (`appliance.engines.faster_whisper_engine`);
+- `faster-whisper batched`: the service's batched file path (`batched=true`, opt-in for now):
+  Silero VAD chunks decoded in batches spread over every core
+  (`appliance.engines.faster_whisper_engine`);
 - `openai-whisper fp32`: the same model converted, `whisper.transcribe` with its defaults.
 
 Every configuration goes through `appliance.engines.windowed.transcribe`, the service's path.

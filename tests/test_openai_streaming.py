@@ -57,7 +57,7 @@ def test_stream_with_the_openai_client(client: openai.OpenAI, long_wav: Path) ->
     deltas = [e for e in events if isinstance(e, TranscriptionTextDeltaEvent)]
     done = [e for e in events if isinstance(e, TranscriptionTextDoneEvent)]
     assert len(done) == 1 and events[-1] is done[0]
-    assert len(deltas) >= 2, events  # one per decoded segment (or per batch of them)
+    assert len(deltas) >= 2, events  # one per decoded segment
     assert all(e.type == "transcript.text.delta" and e.delta for e in deltas)
     assert "".join(e.delta for e in deltas) == done[0].text
     assert normalise(done[0].text).count("ask not what your country can do for you") == 3

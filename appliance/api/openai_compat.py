@@ -52,7 +52,7 @@ class OpenAITranscriptionForm(BaseModel):
     hotwords: str | None = Field(None, description="Extra: words to favour (faster-whisper)")
     vad_filter: bool | None = Field(False, description="Extra: skip silence with Silero VAD")
     batched: bool | None = Field(
-        True, description="Extra: long files in VAD-chunked batches (false: sequential)"
+        False, description="Extra: long files in VAD-chunked batches (default false: sequential)"
     )
     word_timestamps: bool | None = Field(
         False, description="Extra: word timestamps (verbose_json then lists words)"

@@ -108,8 +108,8 @@ def build_options(
     max_speakers: int | None = None,
     batched: str | None = None,
 ) -> TranscribeOptions:
-    """`batched` is the raw form field: true (the default) decodes long files in VAD-chunked
-    batches over every core, false with Whisper's sequential decoding (README, "Models")."""
+    """`batched` is the raw form field: true decodes long files in VAD-chunked batches over
+    every core, false (the default) with Whisper's sequential decoding (README, "Models")."""
     lang = parse_language(language)
     chosen_task = parse_task(task)
     temp: float | tuple[float, ...] = (
@@ -128,5 +128,5 @@ def build_options(
         num_speakers=num_speakers,
         min_speakers=min_speakers,
         max_speakers=max_speakers,
-        batched=parse_bool("batched", batched, default=True),
+        batched=parse_bool("batched", batched, default=False),
     )

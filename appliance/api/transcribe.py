@@ -40,7 +40,7 @@ class TranscribeForm(BaseModel):
     word_timestamps: bool | None = Field(False, description="Include word timestamps")
     vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
     batched: bool | None = Field(
-        True, description="Long files: batched VAD-chunked decoding (false: sequential)"
+        False, description="Long files: batched VAD-chunked decoding (default false: sequential)"
     )
     prompt: str | None = Field(None, description="Initial prompt (names, spelling)")
     hotwords: str | None = Field(None, description="Words to favour")

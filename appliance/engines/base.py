@@ -34,8 +34,9 @@ class TranscribeOptions:
     beam_size: int = 5
     condition_on_previous_text: bool = True
     # Long files: VAD-chunked batched decoding (faster-whisper), spread over every core the
-    # job may use. False: Whisper's sequential decoding (see README, "Models").
-    batched: bool = True
+    # job may use; opt-in until it never drops speech (README, "Models"). False: Whisper's
+    # sequential decoding.
+    batched: bool = False
     # speaker diarization after transcription (appliance/diarize.py); engines ignore these
     diarize: bool = False
     num_speakers: int | None = None

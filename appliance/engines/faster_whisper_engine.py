@@ -179,9 +179,12 @@ class _Pipeline(BatchedInferencePipeline):  # type: ignore[misc]
                 checked.append(output)
                 continue
             redone = self._sequential(features[i], tokenizer, chunks_metadata[i], options)
-            if looping and not short:  # keep the redo only if it does not loop too
-                ratio = max((s["compression_ratio"] for s in redone), default=0.0)
-                checked.append(redone if ratio <= LOOP_COMPRESSION else [])
+            if looping and not short:
+                # Whisper's own answer to a high compression ratio is to decode again; keep
+                # that sequential redo even if it still repeats: speech can really repeat (a
+                # chant, a clip played twice), and a true loop is cut back to 3 repetitions
+                # by `windowed.guard`, which every file transcription passes through.
+                checked.append(redone)
             else:  # speech looked dropped: the longer text wins
                 longer = sum(len(s["tokens"]) for s in redone) > tokens[i]
                 checked.append(redone if longer else output)
