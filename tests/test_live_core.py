@@ -15,7 +15,7 @@ from faster_whisper.vad import get_vad_model
 
 from appliance.engines import create_engine
 from appliance.engines.base import LoadedModel
-from appliance.live.decoder import Decoder
+from appliance.live.decoder import Decoder, Hypothesis
 from appliance.live.session import Agreement, LiveConfig, LiveSession, LiveTranscriber, pcm_to_float
 from appliance.live.vad import WINDOW, StreamingVad
 from appliance.models import ModelManager
@@ -106,6 +106,41 @@ def test_jfk_partials_then_finals(model: LoadedModel, jfk_wav: Path) -> None:
     assert transcript.text == text
     assert transcript.duration == pytest.approx(len(pcm) / 32000, abs=0.01)
     assert core.timings()["decodes"] >= len(finals)
+
+
+class ClippedFinals:
+    """A decoder whose partials agree on words and whose finals come back empty (Whisper
+    dropping a clipped word, the no-speech filter)."""
+
+    language = "en"
+
+    def __init__(self) -> None:
+        self.finals = 0
+
+    def decode(self, audio: Any, *, final: bool, words: bool | None = None, **_: Any) -> Any:
+        if final:
+            self.finals += 1
+            return Hypothesis("", language="en")
+        return Hypothesis("Ask not what", language="en")
+
+
+def test_final_keeps_the_words_partials_promised(jfk_wav: Path) -> None:
+    decoder = ClippedFinals()
+    core = LiveTranscriber(decoder, LiveConfig(sentence_commits=False))  # type: ignore[arg-type]
+    messages = run_core(core, bytes(16000) + read_pcm(jfk_wav) + bytes(32000))
+    finals = [m for m in messages if m["type"] == "final"]
+    assert finals and decoder.finals
+    for final in finals:
+        stable = [
+            m["stable"]
+            for m in messages[: messages.index(final)]
+            if m["type"] == "partial" and m["utterance"] == final["utterance"]
+        ]
+        promised = stable[-1] if stable else ""
+        assert final["text"].split()[: len(promised.split())] == promised.split(), final
+    assert any(f["text"] == "Ask not what" for f in finals)
+    # an empty speculation that lost promised words is not reused: the final is decoded
+    assert not any(f["speculative"] for f in finals if f["text"])
 
 
 def test_silence_produces_nothing(model: LoadedModel) -> None:

@@ -163,6 +163,7 @@ class Closed:
     partials: int
     speculation: Hypothesis | None = None
     arrived: float | None = None  # wall time the audio up to speech_end had arrived
+    stable: tuple[str, ...] = ()  # words the partials committed (promised) before the close
 
 
 @dataclass
@@ -306,6 +307,7 @@ class LiveTranscriber:
                 utt.partials,
                 speculation,
                 self.arrival(speech_end),  # now: older arrival times are trimmed away
+                tuple(self.agreement.committed),
             )
         )
 
@@ -456,8 +458,13 @@ class LiveTranscriber:
 
     def decode(self, job: DecodeJob) -> Hypothesis:
         """Blocking; safe to run for a `main` and a `partial` job at once."""
-        if job.closed is not None and job.closed.speculation is not None:
-            return job.closed.speculation  # the speculative decode already is the final
+        closed = job.closed
+        if closed is not None and closed.speculation is not None:
+            if not _falls_short(closed.speculation.text, closed.stable):
+                return closed.speculation  # the speculative decode already is the final
+            # the speculation saw less audio than the final (it starts before the pause's
+            # padding has arrived) and lost promised words: decode the whole utterance
+            closed.speculation = None
         return self.decoder.decode(
             job.audio, final=job.kind != "partial", words=job.words, beam_size=job.beam_size
         )
@@ -643,6 +650,10 @@ class LiveTranscriber:
 
     def _finalize(self, closed: Closed, hyp: Hypothesis) -> list[Message]:
         reused = closed.speculation is hyp
+        if _falls_short(hyp.text, closed.stable):
+            # a final never takes back words the partials promised as stable: an empty or
+            # shorter decode (Whisper dropping a clipped word, the no-speech filter) keeps them
+            hyp.text, hyp.words = " ".join(closed.stable), []
         if not hyp.text and not closed.partials:
             return []
         offset = closed.start / SAMPLE_RATE
@@ -716,6 +727,11 @@ def _ms(arrived: float | None) -> float | None:
     if arrived is None:
         return None
     return round((time.monotonic() - arrived) * 1000, 1)
+
+
+def _falls_short(text: str, stable: tuple[str, ...]) -> bool:
+    """Whether a final's `text` has fewer words than the stable words promised before it."""
+    return len(text.split()) < len(stable)
 
 
 def pcm_to_float(pcm: bytes) -> Samples:
