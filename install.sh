@@ -32,7 +32,7 @@ SERVICE=whisper-appliance
 PASSWORD_FILE=/var/lib/whisper-appliance/admin-password.txt
 ENV_FILE=/etc/whisper-appliance/env
 HTTPS_PORT=5001
-# appliance/models.py CATALOGUE (tests/install keeps the two equal)
+# appliance/core/model_manager.py CATALOGUE (tests/install keeps the two equal)
 MODELS=(tiny.en tiny base.en base small.en small medium.en medium large-v3 large-v3-turbo
   distil-small.en distil-medium.en distil-large-v3)
 

@@ -121,7 +121,7 @@ class DiarizationSection:
             return
         from faster_whisper import WhisperModel
 
-        from appliance import diarize
+        from appliance.core import diarize
 
         self._encoder = diarize.SpeakerEncoder.load(SPEAKER_NPZ)
         self._model = WhisperModel(
@@ -131,8 +131,8 @@ class DiarizationSection:
     def run_round(self, ctx: Any, index: int) -> None:
         if self.skipped:
             return
-        from appliance import diarize
-        from appliance.audio import decode
+        from appliance.core import diarize
+        from appliance.core.audio import decode
 
         for rec in RECORDINGS:
             audio = decode(rec.wav)

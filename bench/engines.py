@@ -122,7 +122,7 @@ class EnginesSection:
 
     def _convert(self, models: set[str]) -> None:
         """Convert once up front, so the workers' load time is the cached load."""
-        from appliance.engines.convert import converted_checkpoint
+        from appliance.core.engines.convert import converted_checkpoint
 
         for model in sorted(models):
             try:

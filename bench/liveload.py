@@ -77,7 +77,7 @@ def _trim(pcm: bytes, threshold: float = 0.01, pad: float = 0.05) -> bytes:
 
 
 def _read_any(path: Path) -> bytes:
-    from appliance.audio import decode
+    from appliance.core.audio import decode
 
     audio = decode(path)
     return (np.clip(audio, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()

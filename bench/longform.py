@@ -15,10 +15,10 @@ both engines use every core):
   conditioned on the previous text), as the service decodes with `batched=false`;
 - `faster-whisper batched`: the service's batched file path (`batched=true`, opt-in for now):
   Silero VAD chunks decoded in batches spread over every core
-  (`appliance.engines.faster_whisper_engine`);
+  (`appliance.core.engines.faster_whisper_engine`);
 - `openai-whisper fp32`: the same model converted, `whisper.transcribe` with its defaults.
 
-Every configuration goes through `appliance.engines.windowed.transcribe`, the service's path.
+Every configuration goes through `appliance.core.engines.windowed.transcribe`, the service's path.
 Reported per configuration: seconds, x realtime, WER against the reference, segments past the
 end of the audio. Ratios: batched vs openai-whisper, batched vs sequential.
 """
@@ -131,20 +131,20 @@ def recording(minutes: float = 6.0) -> tuple[Path, str]:
 def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[str, Any]:
     import time
 
-    from appliance.engines import windowed
-    from appliance.engines.base import TranscribeOptions
+    from appliance.core.engines import windowed
+    from appliance.core.engines.base import TranscribeOptions
 
     audio = _read(Path(audio_path))
     duration = audio.shape[0] / SAMPLE_RATE
     t0 = time.perf_counter()
     if config.startswith("openai-whisper"):
-        from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+        from appliance.core.engines.openai_whisper_engine import OpenAIWhisperEngine
 
         cache = WORK / "openai-cache"
         model: Any = OpenAIWhisperEngine(cpu_threads=threads, cache_dir=cache).load(Path(model_dir))
         options = TranscribeOptions(language="en")
     else:
-        from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+        from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
 
         model = FasterWhisperEngine("int8", cpu_threads=1, workers=threads).load(Path(model_dir))
         batched = config.endswith("batched")

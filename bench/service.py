@@ -106,7 +106,7 @@ class ServiceSection:
         try:
             import httpx  # noqa: F401
 
-            import appliance.app  # noqa: F401  (is the service built yet?)
+            import appliance.web.app  # noqa: F401  (is the service built yet?)
         except ImportError as exc:
             self.error = f"the service cannot be imported yet ({exc})"
             return

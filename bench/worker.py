@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.audio import decode
-from appliance.engines.base import SAMPLE_RATE, Engine, LoadedModel, TranscribeOptions
+from appliance.core.audio import decode
+from appliance.core.engines.base import SAMPLE_RATE, Engine, LoadedModel, TranscribeOptions
 from bench.common import WORK, clips, model_dir
 
 
@@ -35,10 +35,10 @@ def peak_rss_mb() -> float:
 
 def build_engine(name: str, compute_type: str, threads: int) -> Engine:
     if name == "faster-whisper":
-        from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+        from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
 
         return FasterWhisperEngine(compute_type, cpu_threads=threads, workers=1)
-    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+    from appliance.core.engines.openai_whisper_engine import OpenAIWhisperEngine
 
     return OpenAIWhisperEngine(cpu_threads=threads, cache_dir=WORK / "openai-whisper")
 

@@ -126,7 +126,7 @@ async def transcribe(port: int, pcm: bytes, *, realtime: bool) -> Result:
     from wyoming.asr import Transcribe, Transcript
     from wyoming.client import AsyncTcpClient
 
-    from appliance.wyoming_server import AudioChunk, AudioStart, AudioStop
+    from appliance.web.wyoming_server import AudioChunk, AudioStart, AudioStop
 
     step = int(RATE * CHUNK_SECONDS) * 2
     async with AsyncTcpClient("127.0.0.1", port) as client:

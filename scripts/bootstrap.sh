@@ -90,7 +90,7 @@ fi
 # --- speaker model for diarization (Resemblyzer's GE2E weights, converted to .npz) -----
 if [ ! -f .cache/speaker/models/speaker-ge2e.npz ]; then
   msg "fetching the speaker model (Resemblyzer wheel, sha256-pinned) for diarization"
-  "$VENV/bin/python" -m appliance.diarize fetch .cache/speaker
+  "$VENV/bin/python" -m appliance.core.diarize fetch .cache/speaker
 fi
 mkdir -p var/models
 [ -f var/models/speaker-ge2e.npz ] || cp .cache/speaker/models/speaker-ge2e.npz var/models/

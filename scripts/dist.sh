@@ -39,16 +39,16 @@ printf '%s\n' "$version" >"$TMP/VERSION"
 printf '%s\n' "$DIST_PYTHON" >"$TMP/PYTHON"
 
 # The speaker model for diarization, so no deploy path needs the network for it: Resemblyzer's
-# GE2E weights converted to .npz by `python -m appliance.diarize fetch` (the sha256-pinned wheel
+# GE2E weights converted to .npz by `python -m appliance.core.diarize fetch` (the sha256-pinned wheel
 # from the configured index; kept in .cache/speaker like `make setup` does). The role copies it
 # into DATA_DIR/models, the Dockerfile into /opt/whisper-appliance/models.
 SPEAKER=.cache/speaker/models/speaker-ge2e.npz
 if [ ! -f "$SPEAKER" ]; then
   msg "converting the speaker model (Resemblyzer wheel, sha256-pinned)"
-  "$VENV/bin/python" -m appliance.diarize fetch .cache/speaker >/dev/null
+  "$VENV/bin/python" -m appliance.core.diarize fetch .cache/speaker >/dev/null
 fi
 install -D -m 0644 "$SPEAKER" "$TMP/models/speaker-ge2e.npz"
-"$VENV/bin/python" -c 'import sys; from pathlib import Path; from appliance.diarize import SpeakerEncoder; SpeakerEncoder.load(Path(sys.argv[1]))' \
+"$VENV/bin/python" -c 'import sys; from pathlib import Path; from appliance.core.diarize import SpeakerEncoder; SpeakerEncoder.load(Path(sys.argv[1]))' \
   "$TMP/models/speaker-ge2e.npz" || { echo "$SPEAKER is not a usable speaker model" >&2; exit 1; }
 (cd "$TMP" && sha256sum -- *.whl models/speaker-ge2e.npz >SHA256SUMS)
 

@@ -22,8 +22,8 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol
 
-from appliance.app import create_app
-from appliance.config import Settings
+from appliance.system.config import Settings
+from appliance.web.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / ".cache" / "clips"

@@ -16,9 +16,9 @@ import pytest
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance.app import create_app
-from appliance.config import Settings
-from appliance.models import CATALOGUE
+from appliance.core.model_manager import CATALOGUE
+from appliance.system.config import Settings
+from appliance.web.app import create_app
 from tests.conftest import make_settings as make_settings
 from tests.conftest import serve_directory
 from tests.test_auth import admin_password, login
@@ -258,7 +258,7 @@ async def test_check_updates_reports_problems(tmp_path: Path, admin: Admin) -> N
     code, body = await admin.call("GET", "/admin/check-updates")
     assert code == 200 and body["update_available"] is False
     assert "no update source" in body["error"]
-    from appliance.admin import updates
+    from appliance.web.admin import updates
 
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -271,7 +271,7 @@ async def test_check_updates_reports_problems(tmp_path: Path, admin: Admin) -> N
 
 
 async def test_check_updates_from_an_http_source(tmp_path: Path) -> None:
-    from appliance.admin import updates
+    from appliance.web.admin import updates
 
     root = tmp_path / "site"
     root.mkdir()

@@ -12,7 +12,7 @@ import pytest
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance.config import Settings
+from appliance.system.config import Settings
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login, login_token
 

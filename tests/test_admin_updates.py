@@ -19,11 +19,12 @@ import pytest
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance import update_spool, updater
-from appliance.admin.update_api import MAX_BUNDLE_CONFIG
-from appliance.app import create_app
-from appliance.config import Settings
-from appliance.updater import Config, Updater
+from appliance.system.config import Settings
+from appliance.system.update import spool as update_spool
+from appliance.system.update import updater
+from appliance.system.update.updater import Config, Updater
+from appliance.web.admin.update_api import MAX_BUNDLE_CONFIG
+from appliance.web.app import create_app
 from tests.conftest import make_settings, serve_directory
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login

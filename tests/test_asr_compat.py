@@ -24,11 +24,11 @@ import requests
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance import audio, history
-from appliance.app import create_app
-from appliance.db import Database
-from appliance.engines.base import Segment, Transcript
-from appliance.history import History
+from appliance.core import audio, history
+from appliance.core.db import Database
+from appliance.core.engines.base import Segment, Transcript
+from appliance.core.history import History
+from appliance.web.app import create_app
 from tests.conftest import JFK_TEXT, Server, make_settings
 from tests.wer import normalise, wer
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import audio
-from appliance.engines import create_engine, windowed
-from appliance.engines.base import (
+from appliance.core import audio
+from appliance.core.engines import create_engine, windowed
+from appliance.core.engines.base import (
     SAMPLE_RATE,
     Audio,
     Segment,
@@ -29,8 +29,8 @@ from appliance.engines.base import (
     TranscriptionInfo,
     Word,
 )
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
-from appliance.models import ModelManager
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.model_manager import ModelManager
 from tests.wer import normalise
 
 ROOT = Path(__file__).resolve().parent.parent

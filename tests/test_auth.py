@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from quart import Quart
 
-from appliance import auth as auth_mod
-from appliance.config import Settings
-from appliance.ratelimit import Rate
+from appliance.core import auth as auth_mod
+from appliance.core.ratelimit import Rate
+from appliance.system.config import Settings
 from tests.conftest import make_settings as make_settings
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ async def test_state_changes_without_csrf_token_are_refused(
 
 
 async def test_wrong_passwords_are_throttled(tmp_path: Path) -> None:
-    from appliance.app import create_app
+    from appliance.web.app import create_app
 
     settings = make_settings(tmp_path / "data", login_rate_limit=Rate(3, 60.0))
     app = create_app(settings)

@@ -1,4 +1,4 @@
-"""Batched decoding of long files (issue 13, item 1): `appliance.engines.faster_whisper_engine`.
+"""Batched decoding of long files (issue 13, item 1): `appliance.core.engines.faster_whisper_engine`.
 
 On a real long recording (the real clips in shuffled passes with pauses, `bench.longform`) the
 batched path must transcribe as well as sequential decoding (WER within 1 point), stream its
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from faster_whisper import BatchedInferencePipeline
 
-import appliance.engines.faster_whisper_engine as fw
-from appliance.api.options import build_options
-from appliance.engines import windowed
-from appliance.engines.base import SAMPLE_RATE, Audio, TranscribeOptions
-from appliance.errors import APIError
-from appliance.models import ModelManager
+import appliance.core.engines.faster_whisper_engine as fw
+from appliance.core.engines import windowed
+from appliance.core.engines.base import SAMPLE_RATE, Audio, TranscribeOptions
+from appliance.core.model_manager import ModelManager
+from appliance.web.api.options import build_options
+from appliance.web.errors import APIError
 from bench.longform import _read, assemble
 from tests.conftest import JFK_TEXT
 from tests.wer import wer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.release import (
+from appliance.system.update.release import (
     ReleaseError,
     fetch_verified,
     load_public_key,
@@ -75,7 +75,7 @@ def test_builds_signed_releases_and_caches_them(tmp_path: Path) -> None:
         (wheel,) = (f for f in files if f.startswith("whisper_appliance-"))
         assert wheel == f"whisper_appliance-{release.manifest.version}-py3-none-any.whl"
         with zipfile.ZipFile(tmp_path / f"unpacked-{name}" / wheel) as zf:
-            health = zf.read("appliance/api/system.py").decode()
+            health = zf.read("appliance/web/api/system.py").decode()
         assert ("ok = False" in health) == (name == "broken")
 
     with pytest.raises(ReleaseError, match="bad signature"):

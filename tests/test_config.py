@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, Settings, parse_size
+from appliance.system.config import ConfigError, Settings, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.engines.convert import (
+from appliance.core.engines.convert import (
     ConversionError,
     alignment_heads,
     convert,

@@ -1,4 +1,4 @@
-"""DEVICE=auto|cpu|cuda and the compute type of each device (appliance/engines/device.py).
+"""DEVICE=auto|cpu|cuda and the compute type of each device (appliance/core/engines/device.py).
 
 The decision logic runs with stand-in GPU counts; the real CTranslate2 of this (GPU-less)
 machine checks what an appliance without a GPU does: auto falls back to the CPU with one info
@@ -21,9 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from appliance.config import ConfigError, Settings
-from appliance.engines import create_engine
-from appliance.engines.device import (
+from appliance.core.engines import create_engine
+from appliance.core.engines.device import (
     GPU_WORKERS,
     DeviceError,
     Placement,
@@ -31,7 +30,8 @@ from appliance.engines.device import (
     preload_cuda_libraries,
     resolve,
 )
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.system.config import ConfigError, Settings
 from tests.conftest import Server
 
 CUDA = "cuda"

@@ -17,9 +17,9 @@ import pytest
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance import diarize, formats
-from appliance.api import asr_compat
-from appliance.engines.base import Segment, Transcript, Word
+from appliance.core import diarize, formats
+from appliance.core.engines.base import Segment, Transcript, Word
+from appliance.web.api import asr_compat
 from tests.conftest import CLIPS, ROOT
 
 NPZ = ROOT / ".cache" / "speaker" / "models" / diarize.NPZ_NAME
@@ -56,7 +56,7 @@ def encoder() -> diarize.SpeakerEncoder:
 
 
 def load(path: Path) -> np.ndarray:
-    from appliance.audio import decode
+    from appliance.core.audio import decode
 
     return decode(path)
 

@@ -1,7 +1,7 @@
 """Where the app looks for the converted speaker model, and that every deploy path puts it there:
 `make dist` (scripts/dist.sh) into the wheelhouse, the Ansible role (and so the CT template) and
 the Dockerfile into the install's models/ folder (/opt/whisper-appliance/models); DATA_DIR/models
-(where `python -m appliance.diarize fetch` writes) comes first."""
+(where `python -m appliance.core.diarize fetch` writes) comes first."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import diarize
+from appliance.core import diarize
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT / ".cache" / "speaker" / "models" / diarize.NPZ_NAME
@@ -75,7 +75,7 @@ def test_dockerfile_copies_the_model_where_the_app_looks() -> None:
 
 def test_dist_builds_the_model_into_the_wheelhouse() -> None:
     text = (ROOT / "scripts" / "dist.sh").read_text()
-    assert "appliance.diarize" in text
+    assert "appliance.core.diarize" in text
     assert f"models/{diarize.NPZ_NAME}" in text
     # its checksum is recorded with the wheels'
     sums = next(line for line in text.splitlines() if ">SHA256SUMS" in line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from appliance.app import create_app
+from appliance.web.app import create_app
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent

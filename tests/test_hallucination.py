@@ -1,4 +1,4 @@
-"""No text where there is no speech (issue 13, item 2): `appliance.engines.windowed.guard`.
+"""No text where there is no speech (issue 13, item 2): `appliance.core.engines.windowed.guard`.
 
 A real recording with long pauses (the real clips, separated by 12-20 s of digital silence or
 -40 dBFS noise, 25 s of silence at the end) is transcribed ten times each way, batched and
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.engines import windowed
-from appliance.engines.base import (
+from appliance.core.engines import windowed
+from appliance.core.engines.base import (
     SAMPLE_RATE,
     Audio,
     LoadedModel,
@@ -26,8 +26,8 @@ from appliance.engines.base import (
     TranscriptionInfo,
     Word,
 )
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
-from appliance.models import ModelManager
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.model_manager import ModelManager
 from bench.longform import assemble
 from tests.wer import normalise, wer
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.db import Database
-from appliance.engines.base import Segment, Transcript, Word
-from appliance.history import History
+from appliance.core.db import Database
+from appliance.core.engines.base import Segment, Transcript, Word
+from appliance.core.history import History
 
 
 def transcript(text: str) -> Transcript:

@@ -13,11 +13,11 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from appliance import formats
-from appliance import history as history_module
-from appliance.db import Database
-from appliance.engines.base import Segment, Transcript, Word
-from appliance.history import MIGRATIONS, History
+from appliance.core import formats
+from appliance.core import history as history_module
+from appliance.core.db import Database
+from appliance.core.engines.base import Segment, Transcript, Word
+from appliance.core.history import MIGRATIONS, History
 
 
 def _transcript() -> Transcript:

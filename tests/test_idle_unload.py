@@ -15,9 +15,9 @@ import pytest
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance.app import create_app
-from appliance.config import ConfigError, Settings
-from appliance.services import Services
+from appliance.system.config import ConfigError, Settings
+from appliance.web.app import create_app
+from appliance.web.services import Services
 from tests.conftest import JFK_TEXT, make_settings
 from tests.wer import wer
 

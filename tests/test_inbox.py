@@ -1,4 +1,4 @@
-"""The inbox (WATCH_DIR, appliance/inbox.py) with the real engine on the JFK clip.
+"""The inbox (WATCH_DIR, appliance/web/inbox.py) with the real engine on the JFK clip.
 
 Files dropped into the folder come back as .txt/.srt in done/, the original beside them; a
 file still being written is not taken early; what is not audio, too large, a link or a pipe
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from quart import Quart
 
-from appliance import inbox
-from appliance.app import create_app
-from appliance.config import ConfigError, Settings
-from appliance.services import Services
+from appliance.system.config import ConfigError, Settings
+from appliance.web import inbox
+from appliance.web.app import create_app
+from appliance.web.services import Services
 from tests.conftest import make_settings
 
 SETTLE = 0.4

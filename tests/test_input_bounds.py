@@ -27,8 +27,8 @@ import pytest
 from quart import Quart
 from websockets.asyncio.client import connect
 
-from appliance.config import Settings
-from appliance.jsonbody import JSONInputError, parse_json, parse_json_object
+from appliance.system.config import Settings
+from appliance.web.jsonbody import JSONInputError, parse_json, parse_json_object
 from tests.conftest import Server, start_server, stop_server
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login, login_token

@@ -27,10 +27,10 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from appliance.db import Database
-from appliance.engines.base import TranscribeOptions, Transcript
-from appliance.jobs import MAX_ATTEMPTS, JobQueue, JobState, options_to_json
-from appliance.models import ModelManager
+from appliance.core.db import Database
+from appliance.core.engines.base import TranscribeOptions, Transcript
+from appliance.core.jobs import MAX_ATTEMPTS, JobQueue, JobState, options_to_json
+from appliance.core.model_manager import ModelManager
 from tests.conftest import CLIPS, JFK_TEXT, Server, free_port, start_server, stop_server
 from tests.wer import wer
 
@@ -215,7 +215,7 @@ async def _queue(data_dir: Path, *, retention_hours: float = 24) -> tuple[Databa
 
 
 async def _insert(db: Database, audio_path: Path | str, **values: Any) -> str:
-    from appliance.jobs import MIGRATIONS
+    from appliance.core.jobs import MIGRATIONS
 
     await db.migrate("jobs", MIGRATIONS)
     row: dict[str, Any] = {

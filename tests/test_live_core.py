@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 from faster_whisper.vad import get_vad_model
 
-from appliance.engines import create_engine
-from appliance.engines.base import LoadedModel
-from appliance.live.decoder import Decoder, Hypothesis
-from appliance.live.session import Agreement, LiveConfig, LiveSession, LiveTranscriber, pcm_to_float
-from appliance.live.vad import WINDOW, StreamingVad
-from appliance.models import ModelManager
+from appliance.core.engines import create_engine
+from appliance.core.engines.base import LoadedModel
+from appliance.core.live.decoder import Decoder, Hypothesis
+from appliance.core.live.session import (
+    Agreement,
+    LiveConfig,
+    LiveSession,
+    LiveTranscriber,
+    pcm_to_float,
+)
+from appliance.core.live.vad import WINDOW, StreamingVad
+from appliance.core.model_manager import ModelManager
 from tests.conftest import JFK_TEXT
 
 

@@ -21,9 +21,9 @@ from quart.testing.connections import WebsocketDisconnectError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from appliance.app import create_app
-from appliance.config import ConfigError, Settings
-from appliance.server import WEBSOCKET_MAX_MESSAGE, hypercorn_config
+from appliance.system.config import ConfigError, Settings
+from appliance.web.app import create_app
+from appliance.web.server import WEBSOCKET_MAX_MESSAGE, hypercorn_config
 from tests.conftest import Server, make_settings, start_server, stop_server
 from tests.test_ws_live import assert_healthy, closed_with, start, ws_url
 

@@ -18,11 +18,11 @@ import jiwer
 import numpy as np
 import pytest
 
-from appliance.engines import create_engine
-from appliance.engines.base import LoadedModel
-from appliance.live.decoder import BatchScheduler, Decoder, Hypothesis
-from appliance.live.session import LiveConfig, LiveSession, LiveTranscriber, pcm_to_float
-from appliance.models import ModelManager
+from appliance.core.engines import create_engine
+from appliance.core.engines.base import LoadedModel
+from appliance.core.live.decoder import BatchScheduler, Decoder, Hypothesis
+from appliance.core.live.session import LiveConfig, LiveSession, LiveTranscriber, pcm_to_float
+from appliance.core.model_manager import ModelManager
 from tests.conftest import JFK_TEXT
 
 LIBRIVOX = sorted((Path(__file__).resolve().parent.parent / ".cache/clips/librivox").glob("*.wav"))

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.audio import decode
-from appliance.engines.base import TranscribeOptions
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
-from appliance.models import CATALOGUE, ModelError, ModelManager
+from appliance.core.audio import decode
+from appliance.core.engines.base import TranscribeOptions
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.model_manager import CATALOGUE, ModelError, ModelManager
 from tests.conftest import serve_directory
 from tests.wer import normalise
 

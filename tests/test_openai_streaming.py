@@ -15,17 +15,17 @@ import pytest
 from openai.types.audio import TranscriptionTextDeltaEvent, TranscriptionTextDoneEvent
 from quart import Quart
 
-from appliance import audio
-from appliance.api import openai_compat
-from appliance.engines.base import (
+from appliance.core import audio
+from appliance.core.engines.base import (
     SAMPLE_RATE,
     Segment,
     TranscribeOptions,
     Transcript,
     TranscriptionInfo,
 )
-from appliance.errors import APIError
-from appliance.jobs import Job, JobState
+from appliance.core.jobs import Job, JobState
+from appliance.web.api import openai_compat
+from appliance.web.errors import APIError
 from tests.conftest import JFK_TEXT, Server
 from tests.wer import normalise, wer
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.audio import decode
-from appliance.engines import create_engine
-from appliance.engines.base import SAMPLE_RATE, LoadedModel, Segment, TranscribeOptions, Word
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.audio import decode
+from appliance.core.engines import create_engine
+from appliance.core.engines.base import SAMPLE_RATE, LoadedModel, Segment, TranscribeOptions, Word
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
 
 JFK_TEXT = (
     "And so my fellow Americans, ask not what your country can do for you, "
@@ -61,7 +61,7 @@ def jfk(clips: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def openai_model(tiny_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedModel]:
-    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
+    from appliance.core.engines.openai_whisper_engine import OpenAIWhisperEngine
 
     engine = OpenAIWhisperEngine(cpu_threads=2, cache_dir=tmp_path_factory.mktemp("ckpt"))
     model = engine.load(tiny_en)
@@ -78,8 +78,8 @@ def faster_model(tiny_en: Path) -> Iterator[LoadedModel]:
 
 def test_importing_the_engines_does_not_import_torch() -> None:
     code = (
-        "import sys, appliance.engines, appliance.engines.openai_whisper_engine, "
-        "appliance.engines.convert; assert 'torch' not in sys.modules, 'torch imported'; "
+        "import sys, appliance.core.engines, appliance.core.engines.openai_whisper_engine, "
+        "appliance.core.engines.convert; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'whisper' not in sys.modules, 'whisper imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -172,9 +172,9 @@ def test_word_time_rule_refuses_real_disagreement() -> None:
 _WORDS_SCRIPT = """
 import json, sys
 from pathlib import Path
-from appliance.audio import decode
-from appliance.engines.base import TranscribeOptions
-from appliance.engines.faster_whisper_engine import FasterWhisperEngine
+from appliance.core.audio import decode
+from appliance.core.engines.base import TranscribeOptions
+from appliance.core.engines.faster_whisper_engine import FasterWhisperEngine
 model = FasterWhisperEngine("int8", cpu_threads=1).load(Path(sys.argv[1]))
 options = TranscribeOptions(word_timestamps=True, beam_size=1)
 _, segments = model.transcribe(decode(Path(sys.argv[2])), options)
@@ -245,8 +245,8 @@ def test_options_are_passed_through(openai_model: LoadedModel, jfk: np.ndarray) 
 def test_multilingual_base_detects_language(
     tmp_path_factory: pytest.TempPathFactory, jfk: np.ndarray
 ) -> None:
-    from appliance.engines.openai_whisper_engine import OpenAIWhisperEngine
-    from appliance.models import ModelManager
+    from appliance.core.engines.openai_whisper_engine import OpenAIWhisperEngine
+    from appliance.core.model_manager import ModelManager
 
     tmp = tmp_path_factory.mktemp("base")
     engine = OpenAIWhisperEngine(cpu_threads=2, cache_dir=tmp / "ckpt")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.app import create_app
-from appliance.config import ConfigError, Settings
-from appliance.ratelimit import Rate, RateLimiter, parse_rate
-from appliance.security import forwarded_client
+from appliance.core.ratelimit import Rate, RateLimiter, parse_rate
+from appliance.system.config import ConfigError, Settings
+from appliance.web.app import create_app
+from appliance.web.security import forwarded_client
 from tests.conftest import make_settings as make_settings
 from tests.test_auth import admin_password, login
 

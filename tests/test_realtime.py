@@ -24,8 +24,8 @@ from quart import Quart
 from quart.testing.connections import WebsocketDisconnectError
 from websockets.asyncio.client import ClientConnection, connect
 
-from appliance.app import create_app
-from appliance.live.realtime import Resampler
+from appliance.web.app import create_app
+from appliance.web.live.realtime import Resampler
 from tests.conftest import JFK_TEXT, Server, make_settings
 from tests.test_ws_live import assert_healthy, normalize
 

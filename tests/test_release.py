@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import release
-from appliance.release import (
+from appliance.system.update import release
+from appliance.system.update.release import (
     BUNDLE_SUFFIX,
     MANIFEST,
     SIGNATURE,

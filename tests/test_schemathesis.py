@@ -42,8 +42,8 @@ from schemathesis.schemas import APIOperation, BaseSchema
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.transport.serialization import Binary
 
-from appliance import auth as auth_mod
-from appliance import update_spool
+from appliance.core import auth as auth_mod
+from appliance.system.update import spool as update_spool
 from tests.conftest import CLIPS, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow

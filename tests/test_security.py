@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from quart import Quart
 from werkzeug.datastructures import FileStorage
 
-from appliance import logging_setup
-from appliance.config import Settings
+from appliance.system import logging_setup
+from appliance.system.config import Settings
 from tests.test_auth import admin_password, login
 
 if TYPE_CHECKING:

@@ -22,13 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from appliance import tls
+from appliance.web import tls
 from tests.conftest import Server, free_port, start_server, stop_server
 from tests.conftest import make_settings as make_settings
 
 
 def os_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """What the OS reports, computed independently of appliance.tls."""
+    """What the OS reports, computed independently of appliance.web.tls."""
     found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for entries in psutil.net_if_addrs().values():
         for entry in entries:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quart.typing import TestClientProtocol as Client
 
-STATIC = Path(__file__).resolve().parent.parent / "appliance" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "appliance" / "web" / "static"
 
 
 async def page(client: Client) -> str:

@@ -30,9 +30,10 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance import update_spool, updater
-from appliance.release import build_release
-from appliance.updater import Config, Updater
+from appliance.system.update import spool as update_spool
+from appliance.system.update import updater
+from appliance.system.update.release import build_release
+from appliance.system.update.updater import Config, Updater
 from tests.conftest import Server, free_port, serve_directory, start_server, stop_server
 from tests.test_release import make_keys, make_wheelhouse
 

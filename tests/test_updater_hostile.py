@@ -36,8 +36,9 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance import update_spool, updater
-from appliance.updater import Config, Updater
+from appliance.system.update import spool as update_spool
+from appliance.system.update import updater
+from appliance.system.update.updater import Config, Updater
 
 SERVICE_UID = SERVICE_GID = 65534  # nobody: the service user
 HEX = "0123456789abcdef" * 2

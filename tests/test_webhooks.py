@@ -20,8 +20,8 @@ import httpx
 import pytest
 from quart import Quart
 
-from appliance import outbound, webhooks
-from appliance.config import Settings
+from appliance.system.config import Settings
+from appliance.web import outbound, webhooks
 from tests.conftest import JFK_TEXT, Server, start_server, stop_server
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login

@@ -22,7 +22,7 @@ from quart.testing.connections import WebsocketDisconnectError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from appliance.app import create_app
+from appliance.web.app import create_app
 from tests.conftest import JFK_TEXT, Server, make_settings
 
 CHUNK = 6400  # bytes: 200 ms of 16 kHz s16le

@@ -20,8 +20,8 @@ from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 from wyoming.info import Describe, Info
 
-from appliance.app import create_app
-from appliance.wyoming_server import AudioChunk, AudioStart, AudioStop, WyomingServer
+from appliance.web.app import create_app
+from appliance.web.wyoming_server import AudioChunk, AudioStart, AudioStop, WyomingServer
 from tests.conftest import make_settings
 from tests.wer import wer
 

@@ -9,8 +9,8 @@ import jinja2
 import pytest
 import yaml
 
-from appliance import update_spool
-from appliance.release import DEFAULT_KEY_DIR
+from appliance.system.update import spool as update_spool
+from appliance.system.update.release import DEFAULT_KEY_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("whisper-appliance-update.service", "whisper-appliance-update.path")

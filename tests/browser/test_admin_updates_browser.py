@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from appliance import __version__, update_spool, updater
-from appliance.updater import Config, Updater
+from appliance import __version__
+from appliance.system.update import spool as update_spool
+from appliance.system.update import updater
+from appliance.system.update.updater import Config, Updater
 from tests.browser.conftest import watch
 from tests.conftest import Server, start_server, stop_server
 

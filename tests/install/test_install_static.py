@@ -7,8 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from appliance.auth import PASSWORD_FILE
-from appliance.models import CATALOGUE
+from appliance.core.auth import PASSWORD_FILE
+from appliance.core.model_manager import CATALOGUE
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SH = ROOT / "install.sh"

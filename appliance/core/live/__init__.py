@@ -1,0 +1,1 @@
+"""Live speech without the network: VAD, the streaming decoder, the session."""

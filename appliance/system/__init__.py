@@ -1,0 +1,1 @@
+"""The host side: settings, CLI, logging, certificates, the self-updater."""

@@ -1,0 +1,1 @@
+"""Signed releases and the privileged self-updater."""

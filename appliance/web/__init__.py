@@ -1,0 +1,1 @@
+"""The Quart application: app factory, server, routes, UI."""

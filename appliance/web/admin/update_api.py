@@ -1,0 +1,249 @@
+"""The admin API of self-update: the state of releases and requests, and asking the privileged
+updater (whisper-appliance-update.service) to apply an update or roll back.
+
+The web process never changes code or releases itself: it writes one request into the spool
+(appliance.system.update.spool) and the systemd path unit starts the root updater, which reports back
+in status.json and the update_history table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from quart import Response, current_app, jsonify, request
+from quart_schema import DataSource, document_request, document_response, tag
+
+from appliance import __version__
+from appliance.system.update import spool as update_spool
+from appliance.system.update.release import MAX_ARTIFACT
+from appliance.system.update.updater import Config, Updater
+from appliance.web.admin import updates
+from appliance.web.admin.guard import blueprint, read_json
+from appliance.web.errors import APIError
+from appliance.web.services import services
+from appliance.web.upload import receive_upload
+
+log = logging.getLogger(__name__)
+
+# app.config key: the largest release bundle accepted for upload (the wheelhouse is ~330 MB)
+MAX_BUNDLE_CONFIG = "UPDATE_MAX_BUNDLE_BYTES"
+DEFAULT_MAX_BUNDLE = 4 * 1024**3
+HISTORY_ROWS = 50
+_BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,190}\.release\.tar$")
+
+
+class UpdateState(BaseModel):
+    current_version: str
+    releases: list[str] = Field(description="Installed releases under /opt/whisper-appliance")
+    state: str = Field(description="idle, pending (waits for the updater) or running")
+    pending: dict[str, Any] | None = Field(description="The request waiting for the updater")
+    status: dict[str, Any] | None = Field(description="The updater's report on the last request")
+    history: list[dict[str, Any]] = Field(description="update_history rows, newest first")
+
+
+class ApplyBody(BaseModel):
+    source: str | None = Field(
+        None, description="http(s) URL of a release; default: the release UPDATE_SOURCE offers"
+    )
+
+
+class RollbackBody(BaseModel):
+    to_version: str | None = Field(None, description="An installed release; default: previous")
+
+
+class BundleForm(BaseModel):
+    file: bytes = Field(description="A signed whisper-appliance-<version>.release.tar bundle")
+
+
+class Accepted(BaseModel):
+    request: dict[str, Any]
+
+
+def _spool() -> Path:
+    return update_spool.ensure(services().settings.data_dir)
+
+
+def _updater() -> Updater:
+    """Read-only use: list the releases under the install root (UPDATER_ROOT, as the unit)."""
+    root = os.environ.get("UPDATER_ROOT") or str(Config.root)
+    return Updater(Config(root=Path(root), data_dir=services().settings.data_dir))
+
+
+def _lock() -> asyncio.Lock:
+    lock: asyncio.Lock = services().extras.setdefault("update_request_lock", asyncio.Lock())
+    return lock
+
+
+def _history(db_path: Path) -> list[dict[str, Any]]:
+    """Read-only: the web process never migrates the updater's table."""
+    if not db_path.exists():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT * FROM update_history ORDER BY id DESC LIMIT ?", (HISTORY_ROWS,)
+            ).fetchall()
+    except sqlite3.Error:  # no table yet: never updated
+        return []
+    return [dict(r) for r in rows]
+
+
+def _state(spool: Path) -> dict[str, Any]:
+    upd = _updater()
+    return {
+        "current_version": __version__,
+        "releases": upd.installed(),
+        "state": update_spool.busy(spool) or "idle",
+        "pending": update_spool.read_pending(spool),
+        "status": update_spool.read_status(spool),
+        "history": _history(services().settings.db_path),
+    }
+
+
+def _accepted(req: update_spool.UpdateRequest) -> Response:
+    response = jsonify({"request": req.as_dict()})
+    response.status_code = 202
+    return response
+
+
+def _refuse_if_busy(spool: Path) -> None:
+    state = update_spool.busy(spool)
+    if state is not None:
+        raise APIError(409, f"update_{state}", f"an update request is {state}: wait for it")
+
+
+async def _submit(spool: Path, req: update_spool.UpdateRequest) -> None:
+    try:
+        await asyncio.to_thread(update_spool.submit, spool, req)
+    except update_spool.SpoolBusy as exc:
+        raise APIError(409, "update_pending", str(exc)) from None
+    log.info("update requested: %s %s", req.action, req.source or req.to_version or "")
+
+
+async def _default_source() -> str:
+    source = services().settings.update_source
+    if not source:
+        raise APIError(400, "no_update_source", "no UPDATE_SOURCE configured: give a source URL")
+    check = await updates.check(source, __version__)
+    if check["url"]:
+        return str(check["url"])
+    if re.match(r"^https?://", source):
+        return source
+    raise APIError(
+        400, "no_update_source", "UPDATE_SOURCE is not an http(s) URL: give a source URL"
+    )
+
+
+@blueprint.get("/api/updates")
+@tag(["admin"])
+@document_response(UpdateState)
+async def update_state() -> Response:
+    """Installed releases, the pending request, the updater's last report and the history."""
+    return jsonify(await asyncio.to_thread(_state, _spool()))
+
+
+@blueprint.post("/api/updates/apply")
+@tag(["admin"])
+@document_request(ApplyBody)
+@document_response(Accepted, 202)
+async def apply_update() -> Response:
+    """Ask the updater to install a release from a URL (default: from UPDATE_SOURCE)."""
+    data = await read_json()
+    unknown = set(data) - {"source"}
+    if unknown:
+        raise APIError(400, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    spool = _spool()
+    async with _lock():
+        _refuse_if_busy(spool)
+        source = data.get("source")
+        if source is None:
+            source = await _default_source()
+        try:
+            req = update_spool.make_request("apply", source=update_spool.check_url(source))
+        except update_spool.RequestError as exc:
+            raise APIError(400, "invalid_source", str(exc)) from None
+        await _submit(spool, req)
+    return _accepted(req)
+
+
+@blueprint.post("/api/updates/upload")
+@tag(["admin"])
+@document_request(BundleForm, source=DataSource.FORM_MULTIPART)
+@document_response(Accepted, 202)
+async def upload_update() -> Response:
+    """Upload a signed release bundle (air-gapped sites) and ask the updater to install it."""
+    spool = _spool()
+    _refuse_if_busy(spool)  # before receiving hundreds of MB
+    limit = int(current_app.config.get(MAX_BUNDLE_CONFIG, DEFAULT_MAX_BUNDLE))
+    try:
+        upload = await receive_upload(
+            request, services().settings.tmp_dir, min(limit, MAX_ARTIFACT)
+        )
+    except OSError as exc:  # the disk filled up while the bundle arrived
+        raise APIError(507, "insufficient_storage", f"cannot store the upload: {exc}") from None
+    try:
+        if not _BUNDLE_NAME.match(upload.file_name):
+            raise APIError(
+                400, "invalid_file_name", "upload a whisper-appliance-<version>.release.tar bundle"
+            )
+        assert upload.file_path is not None
+        if not await asyncio.to_thread(_looks_like_tar, upload.file_path):
+            raise APIError(400, "not_a_bundle", "the file is not a release bundle (a tar file)")
+        async with _lock():
+            _refuse_if_busy(spool)
+            req_id = update_spool.new_id()
+            bundle = spool / update_spool.upload_name(req_id)
+            await asyncio.to_thread(os.replace, upload.file_path, bundle)
+            upload.file_path = None
+            try:
+                req = update_spool.make_request("apply", source=bundle.name, request_id=req_id)
+                await _submit(spool, req)
+            except BaseException:
+                bundle.unlink(missing_ok=True)
+                raise
+    finally:
+        upload.discard()
+    log.info("release bundle %s uploaded (%d bytes)", upload.file_name, upload.file_size)
+    return _accepted(req)
+
+
+def _looks_like_tar(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(257)
+        return f.read(5) == b"ustar"
+
+
+@blueprint.post("/api/updates/rollback")
+@tag(["admin"])
+@document_request(RollbackBody)
+@document_response(Accepted, 202)
+async def rollback_update() -> Response:
+    """Ask the updater to go back to the previous (or a named, installed) release."""
+    data = await read_json()
+    unknown = set(data) - {"to_version"}
+    if unknown:
+        raise APIError(400, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    to_version = data.get("to_version")
+    try:
+        if to_version is not None:
+            update_spool.check_version(to_version)
+        req = update_spool.make_request("rollback", to_version=to_version)
+    except update_spool.RequestError as exc:
+        raise APIError(400, "invalid_version", str(exc)) from None
+    installed = await asyncio.to_thread(_updater().installed)
+    if to_version is not None and to_version not in installed:
+        raise APIError(400, "unknown_version", f"{to_version} is not an installed release")
+    spool = _spool()
+    async with _lock():
+        _refuse_if_busy(spool)
+        await _submit(spool, req)
+    return _accepted(req)

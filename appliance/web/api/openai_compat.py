@@ -1,0 +1,285 @@
+"""OpenAI-compatible audio API: the official `openai` client works with `base_url` set here.
+
+Same fields and response shapes as OpenAI's `/v1/audio/*`; the model `whisper-1` means the
+appliance's default model, any other name one of ours. `stream=true` on transcriptions answers
+server-sent `transcript.text.delta` events as segments are decoded, then `transcript.text.done`
+(OpenAI's event shapes). Extra form fields of faster-whisper servers are accepted: `hotwords`,
+`vad_filter`, `word_timestamps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, Field
+from quart import Blueprint, Response, jsonify, make_response
+from quart_schema import DataSource, document_request, document_response, tag
+
+from appliance.core import formats
+from appliance.core.jobs import Job
+from appliance.web.api.options import build_options, parse_bool, parse_float, parse_speakers
+from appliance.web.api.submit import raise_for_job, receive, resolve_model, submit
+from appliance.web.errors import APIError
+from appliance.web.services import services
+
+blueprint = Blueprint("openai", __name__, url_prefix="/v1")
+
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+GRANULARITIES = ("word", "segment")
+
+
+class OpenAITranscriptionForm(BaseModel):
+    file: bytes = Field(description="Audio file")
+    model: str = Field(description="whisper-1 (= default model) or an appliance model name")
+    language: str | None = Field(None, description="ISO 639-1 input language")
+    prompt: str | None = None
+    response_format: str | None = Field(
+        "json", description="json, text, srt, verbose_json, vtt or diarized_json (speakers)"
+    )
+    temperature: float | None = Field(None, ge=0, le=1)
+    timestamp_granularities: list[str] | None = Field(
+        None, alias="timestamp_granularities[]", description="word and/or segment (verbose_json)"
+    )
+    stream: bool | None = Field(
+        False,
+        description="Transcriptions only: server-sent transcript.text.delta events, then "
+        "transcript.text.done (response_format json or text)",
+    )
+    hotwords: str | None = Field(None, description="Extra: words to favour (faster-whisper)")
+    vad_filter: bool | None = Field(False, description="Extra: skip silence with Silero VAD")
+    batched: bool | None = Field(
+        False, description="Extra: long files in VAD-chunked batches (default false: sequential)"
+    )
+    word_timestamps: bool | None = Field(
+        False, description="Extra: word timestamps (verbose_json then lists words)"
+    )
+    diarize: bool | None = Field(
+        False, description="Extra: label speakers (implied by response_format=diarized_json)"
+    )
+    num_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: exact number of speakers"
+    )
+    min_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: at least this many speakers"
+    )
+    max_speakers: int | None = Field(
+        None, ge=1, le=20, description="Extra: at most this many speakers"
+    )
+
+
+class OpenAITranscription(BaseModel):
+    text: str
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelObject]
+
+
+async def _handle(task: str) -> Response:
+    upload = await receive()
+    try:
+        fmt = (upload.get("response_format") or "json").strip()
+        if fmt not in RESPONSE_FORMATS:
+            raise APIError(
+                400,
+                "invalid_response_format",
+                f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, not {fmt!r}",
+            )
+        granularities = upload.get_all("timestamp_granularities[]") + upload.get_all(
+            "timestamp_granularities"
+        )
+        for g in granularities:
+            if g not in GRANULARITIES:
+                raise APIError(400, "invalid_request", f"timestamp_granularities: unknown {g!r}")
+        if "word" in granularities and fmt != "verbose_json":
+            raise APIError(
+                400, "invalid_request", "timestamp_granularities needs response_format=verbose_json"
+            )
+        # faster-whisper servers' extra form fields
+        words = "word" in granularities or parse_bool(
+            "word_timestamps", upload.get("word_timestamps")
+        )
+        stream = task == "transcribe" and parse_bool("stream", upload.get("stream"))
+        if stream and fmt not in ("json", "text", "diarized_json"):
+            raise APIError(
+                400,
+                "invalid_request",
+                f"stream=true needs response_format json, text or diarized_json, not {fmt!r}",
+            )
+        if upload.get("model") is None:
+            raise APIError(400, "invalid_request", "the 'model' field is required (e.g. whisper-1)")
+        requested = (upload.get("model") or "").strip()
+        model = resolve_model(None if requested in ("whisper-1", "") else requested)
+        speakers = parse_speakers(upload.get)
+        speakers["diarize"] = speakers["diarize"] or fmt == "diarized_json"
+        options = build_options(
+            language=upload.get("language") if task == "transcribe" else None,
+            task=task,
+            word_timestamps=words,
+            prompt=upload.get("prompt"),
+            temperature=parse_float("temperature", upload.get("temperature"), 0.0, 1.0),
+            vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
+            batched=upload.get("batched"),
+            hotwords=upload.get("hotwords"),
+            **speakers,
+        )
+    except APIError:
+        upload.discard()
+        raise
+    job = await submit(upload, model=model, options=options, source="api")
+    if stream:
+        return await _stream(job)
+    await services().jobs.wait(job)
+    raise_for_job(job)
+    assert job.result is not None
+    if fmt == "json":
+        return jsonify({"text": job.result.text})
+    if fmt == "text":
+        return Response(job.result.text, content_type="text/plain; charset=utf-8")
+    if fmt in ("srt", "vtt"):
+        return Response(formats.render(job.result, fmt), content_type=formats.EXPORT_FORMATS[fmt])
+    if fmt == "diarized_json":
+        return jsonify(diarized(job))
+    return jsonify(formats.verbose(job.result, task=task, words=words))
+
+
+def _diarized_segments(job: Job) -> list[dict[str, Any]]:
+    assert job.result is not None
+    return [
+        {
+            "type": "transcript.text.segment",
+            "id": f"seg_{s.id:03d}",
+            "start": round(s.start, 3),
+            "end": round(s.end, 3),
+            "text": s.text.strip(),
+            "speaker": s.speaker or "Speaker 1",
+        }
+        for s in job.result.segments
+    ]
+
+
+def diarized(job: Job) -> dict[str, Any]:
+    """OpenAI's `diarized_json`: the text and its segments, each with its speaker."""
+    assert job.result is not None
+    return {
+        "task": job.options.task,
+        "duration": round(job.result.duration, 3),
+        "text": job.result.text,
+        "segments": _diarized_segments(job),
+    }
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+async def _changed(event: asyncio.Event) -> None:
+    """Wait for the job's next change (a segment, the end); wake up now and then regardless."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=15)
+
+
+async def _stream(job: Job) -> Response:
+    """`transcript.text.delta` per decoded segment, then `transcript.text.done`.
+
+    The response starts with the first segment (or the end of the job): a job that fails
+    before any text (audio FFmpeg cannot decode after all, a model that does not fit) still
+    answers its 4xx/5xx JSON error. The deltas concatenate to the done event's text; a job
+    that fails later ends the stream with an `error` event (the openai client raises it).
+    """
+    while not (job.segments or job.done.is_set()):
+        await _changed(job.changed)
+    if job.done.is_set():
+        raise_for_job(job)
+
+    async def events() -> AsyncIterator[bytes]:
+        seen, started, held = 0, False, ""
+        while True:
+            changed, finished = job.changed, job.done.is_set()
+            segments = job.segments[seen:]
+            seen += len(segments)
+            new = "".join(s.text for s in segments)
+            if not started:  # the text never starts with a space ...
+                new = new.lstrip()
+                started = bool(new)
+            held += new
+            delta = held.rstrip()  # ... nor ends with one: spaces wait for what follows
+            if delta:
+                held = held[len(delta) :]
+                yield _sse({"type": "transcript.text.delta", "delta": delta})
+            if finished:
+                break
+            await _changed(changed)
+        if job.state.value == "done" and job.result is not None:
+            if job.options.diarize:  # speakers are known once the whole recording is heard
+                for segment in _diarized_segments(job):
+                    yield _sse(segment)
+            yield _sse({"type": "transcript.text.done", "text": job.result.text})
+            return
+        try:
+            raise_for_job(job)
+            code, message = "result_not_found", "the transcript was deleted from the history"
+        except APIError as exc:
+            code, message = exc.code, exc.message
+        yield _sse({"type": "error", "error": {"code": code, "message": message}})
+
+    response = await make_response(
+        events(),
+        200,
+        {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    response.timeout = None  # type: ignore[union-attr]
+    return response  # type: ignore[return-value]
+
+
+@blueprint.post("/audio/transcriptions")
+@tag(["openai"])
+@document_request(OpenAITranscriptionForm, source=DataSource.FORM_MULTIPART)
+@document_response(OpenAITranscription)
+async def transcriptions() -> Response:
+    """OpenAI-compatible transcription."""
+    return await _handle("transcribe")
+
+
+@blueprint.post("/audio/translations")
+@tag(["openai"])
+@document_request(OpenAITranscriptionForm, source=DataSource.FORM_MULTIPART)
+@document_response(OpenAITranscription)
+async def translations() -> Response:
+    """OpenAI-compatible translation to English."""
+    return await _handle("translate")
+
+
+@blueprint.get("/models")
+@tag(["openai"])
+@document_response(ModelList)
+async def list_models() -> Response:
+    """Models available on this appliance (plus the alias whisper-1)."""
+    s = services()
+    created = int(s.started)
+    names = ["whisper-1"] + [m["name"] for m in s.models.status() if m["state"] != "not_downloaded"]
+    return jsonify(
+        {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": created, "owned_by": "whisper-appliance"}
+                for n in names
+            ],
+        }
+    )

@@ -1,0 +1,135 @@
+"""From an upload to a queued job: probe the content, check the model, submit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from quart import request
+
+from appliance.core import audio, diarize
+from appliance.core.engines.base import TranscribeOptions
+from appliance.core.jobs import Job, JobStoreError, QueueFullError
+from appliance.core.model_manager import ModelError
+from appliance.web import outbound
+from appliance.web.errors import APIError
+from appliance.web.services import services
+from appliance.web.upload import Upload, receive_upload
+
+
+async def receive() -> Upload:
+    s = services()
+    # runtime settings (admin panel) override the env defaults: appliance.web.settings_store
+    limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
+    upload = await receive_upload(request, s.settings.tmp_dir, limit, file_optional=True)
+    await _fetch_url(upload, limit)
+    language = s.extras.get("default_language")
+    if language and not (upload.get("language") or "").strip():
+        upload.fields["language"] = [language]
+    return upload
+
+
+async def _fetch_url(upload: Upload, limit: int) -> None:
+    """Issue 15: a `url` field instead of the file part: download it like an upload."""
+    url = (upload.get("url") or "").strip()
+    if upload.file_path is not None:
+        if url:
+            upload.discard()
+            raise APIError(400, "invalid_request", "send either a 'file' part or a 'url', not both")
+        return
+    if not url:
+        raise APIError(400, "missing_file", "the form has no 'file' file part (nor a 'url' field)")
+    s = services()
+    policy = outbound.Policy.from_settings(s.settings)
+    try:
+        got = await outbound.download(url, s.settings.tmp_dir, limit, policy)
+    except outbound.OutboundError as exc:
+        raise APIError(exc.status, exc.code, exc.message) from None
+    upload.file_path, upload.file_name, upload.file_size = got.path, got.filename, got.size
+
+
+def resolve_model(name: str | None) -> str:
+    s = services()
+    chosen = (name or "").strip() or s.extras.get("default_model") or s.settings.whisper_model
+    try:
+        s.models.check_name(chosen)
+    except ModelError as exc:
+        raise APIError(exc.status, exc.code, exc.message) from None
+    if s.models.locate(chosen) is None:
+        raise APIError(
+            409,
+            "model_not_available",
+            f"model {chosen!r} is not on this appliance yet: "
+            "download or import it in the admin panel",
+        )
+    return chosen
+
+
+async def submit(
+    upload: Upload,
+    *,
+    model: str,
+    options: TranscribeOptions,
+    source: str,
+    callback_url: str | None = None,
+) -> Job:
+    """Probe the file (415 if not audio, 413 if too long) and queue it (429 if the queue is full).
+
+    The upload's temp file belongs to the job from here on; on any refusal it is deleted.
+    """
+    assert upload.file_path is not None
+    if options.diarize and diarize.find_weights(services().settings.data_dir) is None:
+        upload.discard()
+        raise APIError(
+            503,
+            "diarization_unavailable",
+            "speaker diarization needs the speaker model: run"
+            " `python -m appliance.core.diarize fetch DATA_DIR` once (README: Who said what)",
+        )
+    try:
+        info = await asyncio.to_thread(
+            audio.probe, upload.file_path, services().settings.max_audio_duration
+        )
+    except audio.AudioTooLongError as exc:
+        upload.discard()
+        raise APIError(exc.status, exc.code, f"{upload.file_name or 'the file'}: {exc}") from None
+    except audio.NotAudioError as exc:
+        upload.discard()
+        raise APIError(
+            415,
+            "unsupported_audio",
+            f"{upload.file_name or 'the file'} is not audio FFmpeg can decode: {exc}",
+        ) from None
+    job = Job(
+        model=model,
+        options=options,
+        audio_path=upload.file_path,
+        duration=info.duration,
+        source=source,
+        filename=upload.file_name,
+        callback_url=callback_url,
+    )
+    try:
+        return await services().jobs.submit(job)
+    except QueueFullError as exc:
+        raise APIError(
+            429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}
+        ) from None
+    except JobStoreError as exc:  # the database or the disk refused it: not accepted
+        raise APIError(503, "job_not_stored", str(exc), headers={"Retry-After": "10"}) from None
+
+
+def raise_for_job(job: Job) -> None:
+    """Turn a failed or cancelled job into the API error the client should see."""
+    if job.state.value == "cancelled":
+        raise APIError(409, "cancelled", "the transcription was cancelled")
+    if job.error:
+        code = job.error["code"]
+        status = {
+            "insufficient_memory": 507,
+            "model_not_available": 409,
+            "audio_too_long": 413,
+            "shutdown": 503,
+        }.get(code, 422)
+        if code in ("unsupported_audio",):
+            status = 415
+        raise APIError(status, code, job.error["message"])

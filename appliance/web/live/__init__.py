@@ -1,0 +1,23 @@
+"""Live speech: `GET /ws/live` streams microphone audio in and partial/final text out.
+
+- `vad` — streaming Silero VAD (the model shipped inside faster-whisper);
+- `decoder` — one utterance to text (short encoder window with faster-whisper);
+- `session` — the socket-free core (`LiveTranscriber`) and its asyncio driver (`LiveSession`);
+- `routes` — the WebSocket route: origin check, limits, protocol, history;
+- `realtime` — OpenAI's Realtime transcription protocol (`/v1/realtime`) on the same route code.
+
+The protocol is documented in README.md ("Live protocol").
+"""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from appliance.web.live import realtime
+from appliance.web.live.routes import LiveRegistry, blueprint
+
+
+def init_app(app: Quart) -> None:
+    app.extensions["live"] = LiveRegistry()
+    app.register_blueprint(blueprint)
+    app.register_blueprint(realtime.blueprint)  # issue 14: OpenAI Realtime at /v1/realtime
