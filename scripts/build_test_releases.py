@@ -11,9 +11,9 @@ Into OUT (default molecule/.cache/releases/):
 - releases.json: versions and paths, read by the test.
 
 N is the wheelhouse's VERSION; the versions above it are N+update1..3 (a local version label,
-which sorts above N in appliance.system.update.release.version_key). Only the appliance wheel is rebuilt per
-release; the ~50 dependency wheels of the wheelhouse are hard-linked, never downloaded again.
-Nothing is rebuilt while the source, the wheelhouse and this script are unchanged.
+which sorts above N in appliance.system.update.release.version_key). Only the appliance wheel
+is rebuilt per release; the ~50 dependency wheels of the wheelhouse are hard-linked, never
+downloaded again. Nothing is rebuilt while the source, the wheelhouse and this script are unchanged.
 
 usage: python scripts/build_test_releases.py [--wheelhouse dist/wheelhouse] [--out DIR]
 """

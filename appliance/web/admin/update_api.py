@@ -2,8 +2,8 @@
 updater (whisper-appliance-update.service) to apply an update or roll back.
 
 The web process never changes code or releases itself: it writes one request into the spool
-(appliance.system.update.spool) and the systemd path unit starts the root updater, which reports back
-in status.json and the update_history table.
+(appliance.system.update.spool) and the systemd path unit starts the root updater, which
+reports back in status.json and the update_history table.
 """
 
 from __future__ import annotations
