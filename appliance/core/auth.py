@@ -30,7 +30,6 @@ from typing import Any
 from itsdangerous import BadSignature, TimestampSigner
 
 from appliance.core.db import Database
-from appliance.system.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -366,11 +365,11 @@ class Auth:
         return key_id
 
 
-async def reset_admin_password(settings: Settings) -> Path:
+async def reset_admin_password(db_path: Path, data_dir: Path) -> Path:
     """`whisper-appliance reset-admin-password`: works while the service runs (SQLite WAL)."""
-    db = await Database.open(settings.db_path)
+    db = await Database.open(db_path)
     try:
-        auth = await Auth.open(db, settings.data_dir)
+        auth = await Auth.open(db, data_dir)
         return await auth.reset_password()
     finally:
         await db.close()

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reset-admin-password":
         from appliance.core.auth import reset_admin_password
 
-        print(f"new admin password written to {asyncio.run(reset_admin_password(settings))}")
+        path = asyncio.run(reset_admin_password(settings.db_path, settings.data_dir))
+        print(f"new admin password written to {path}")
         return 0
     from appliance.core.engines import create_engine
     from appliance.core.model_manager import ModelError, ModelManager
