@@ -19,10 +19,11 @@ run: setup ## Install what is missing, then serve on https://0.0.0.0:5001 (HTTPS
 	DATA_DIR=$${DATA_DIR:-$(CURDIR)/var} $(VENV)/bin/whisper-appliance serve
 
 .PHONY: lint
-lint: setup ## ruff, mypy --strict, ansible-lint (production) and yamllint
+lint: setup ## ruff, mypy --strict, import-linter layering, ansible-lint (production) and yamllint
 	$(VENV)/bin/ruff check appliance tests bench scripts
 	$(VENV)/bin/ruff format --check appliance tests bench scripts
 	$(VENV)/bin/mypy appliance
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	$(MAKE) --no-print-directory lint-extra
 
 .PHONY: pytest
