@@ -1,4 +1,4 @@
-"""Compatibility name: `python -m appliance.updater` runs `appliance.system.update.updater`.
+"""Compatibility name: `python -m appliance.updater` runs `appliance.system.update.cli`.
 
 Installed units, the role and the docs use this name; keep it while any may.
 """
@@ -6,7 +6,7 @@ Installed units, the role and the docs use this name; keep it while any may.
 # restructure: compatibility shim
 import sys
 
-from appliance.system.update.updater import main
+from appliance.system.update.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ Into OUT (default molecule/.cache/releases/):
 - releases.json: versions and paths, read by the test.
 
 N is the wheelhouse's VERSION; the versions above it are N+update1..3 (a local version label,
-which sorts above N in appliance.system.update.release.version_key). Only the appliance wheel
+which sorts above N in appliance.system.update.version.version_key). Only the appliance wheel
 is rebuilt per release; the ~50 dependency wheels of the wheelhouse are hard-linked, never
 downloaded again. Nothing is rebuilt while the source, the wheelhouse and this script are unchanged.
 
@@ -33,7 +33,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from appliance.system.update.release import NAME, build_release, generate_keypair, version_key
+from appliance.system.update.release import NAME, build_release, generate_keypair
+from appliance.system.update.version import version_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ("pyproject.toml", "README.md", "appliance")

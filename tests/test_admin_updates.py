@@ -20,6 +20,7 @@ from quart import Quart
 from werkzeug.datastructures import FileStorage
 
 from appliance.system.config import Settings
+from appliance.system.update import cli as update_cli
 from appliance.system.update import spool as update_spool
 from appliance.system.update import updater
 from appliance.system.update.updater import Config, Updater
@@ -288,7 +289,7 @@ def host(tmp_path: Path) -> tuple[Updater, Path]:
 
 
 def _run(upd: Updater) -> tuple[int, dict[str, Any]]:
-    code = updater.run_request(upd)
+    code = update_cli.run_request(upd)
     status = update_spool.read_status(upd.cfg.spool_dir)
     assert status is not None
     spool = upd.cfg.spool_dir
@@ -337,7 +338,7 @@ def test_run_request_refuses_hostile_requests(
     assert reason in status["message"], status
     row = upd.history()[0]
     assert (row["status"], row["action"]) == ("refused", "request")
-    assert not (upd.root / "releases").exists()
+    assert not (upd.cfg.root / "releases").exists()
 
 
 def test_run_request_refuses_a_symlinked_request(
@@ -393,13 +394,13 @@ def test_run_request_refuses_a_symlinked_spool(tmp_path: Path) -> None:
     (elsewhere / "request.json").write_bytes(_request())
     (data / update_spool.SPOOL).symlink_to(elsewhere)
     upd = Updater(Config(root=tmp_path / "opt", data_dir=data))
-    assert updater.run_request(upd) == updater.EXIT_FAILED
+    assert update_cli.run_request(upd) == updater.EXIT_FAILED
     assert (elsewhere / "request.json").read_bytes() == _request()
 
 
 def test_run_request_with_nothing_to_do(host: tuple[Updater, Path]) -> None:
     upd, spool = host
-    assert updater.run_request(upd) == updater.EXIT_OK
+    assert update_cli.run_request(upd) == updater.EXIT_OK
     assert list(spool.iterdir()) == []
 
 

@@ -18,8 +18,8 @@ from appliance.system.update.release import (
     fetch_verified,
     load_public_key,
     unpack_wheelhouse,
-    version_key,
 )
+from appliance.system.update.version import version_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build_test_releases.py"

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.system.update import cli as update_cli
 from appliance.system.update import spool as update_spool
 from appliance.system.update import updater
 from appliance.system.update.release import build_release
@@ -314,7 +315,7 @@ def test_same_or_older_version_is_refused(appliance: Appliance) -> None:
 
 
 def test_command_line_status(appliance: Appliance, capsys: pytest.CaptureFixture[str]) -> None:
-    code = updater.main(
+    code = update_cli.main(
         ["--root", str(appliance.root), "--data-dir", str(appliance.data), "status"]
     )
     assert code == 0

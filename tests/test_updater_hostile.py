@@ -36,8 +36,11 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.system.update import cli as update_cli
+from appliance.system.update import health, releases, updater
+from appliance.system.update import history as update_history
 from appliance.system.update import spool as update_spool
-from appliance.system.update import updater
+from appliance.system.update.history import UpdateHistory
 from appliance.system.update.updater import Config, Updater
 
 SERVICE_UID = SERVICE_GID = 65534  # nobody: the service user
@@ -89,7 +92,7 @@ class Host:
 
     @property
     def db(self) -> Path:
-        return self.data / updater.DB_NAME
+        return self.data / update_history.DB_NAME
 
     def starts(self) -> list[str]:
         """Where `current` pointed each time the service was (re)started."""
@@ -148,7 +151,7 @@ class Host:
         os.chown(path, SERVICE_UID, SERVICE_GID)
 
     def run(self) -> tuple[int, dict[str, Any]]:
-        code = updater.run_request(self.upd)
+        code = update_cli.run_request(self.upd)
         status = update_spool.read_status(self.spool)
         assert status is not None, "no status.json"
         left = sorted(p.name for p in self.spool.iterdir() if p.name != update_spool.STATUS)
@@ -238,7 +241,7 @@ def host() -> Iterator[Host]:
             "db.execute(\"INSERT INTO live VALUES ('the live database')\")\n"
             "db.commit()\n"
         )
-        h.upd._record(
+        h.upd.store.record(
             None,
             action="apply",
             from_version="1.0.0",
@@ -363,7 +366,7 @@ def test_a_rollback_to_anything_but_an_installed_release_is_refused(
 def test_the_journal_is_root_state_a_forged_one_is_not_read(host: Host) -> None:
     """The journal is trusted only as a regular file of root's: one the service user could
     have written (or a link to one) counts as empty."""
-    assert updater.JOURNAL == JOURNAL
+    assert releases.JOURNAL == JOURNAL
     forged = host.data / "journal.json"
     forged.write_text(
         json.dumps({"switches": [{"from_version": "../../data/evil", "to_version": "1.1.0"}]})
@@ -379,14 +382,14 @@ def test_the_journal_is_root_state_a_forged_one_is_not_read(host: Host) -> None:
     assert host.upd.journal() == []
     os.chown(journal, 0, 0)  # root's own: read, but its names are still checked
     assert host.upd.journal()[0]["from_version"] == "../../data/evil"
-    target = host.upd._rollback_target()
+    target = host.upd.tree.rollback_target()
     assert target is not None and target[0] == "1.0.0"
 
 
 # --- finding 2: nothing root does in DATA_DIR follows a link -----------------------------------
 def _plant(h: Host, name: str, target: Path) -> None:
     code = f"import os\nos.symlink({str(target)!r}, {name!r})\n"
-    if name == updater.DB_NAME:  # the live database replaced by a link
+    if name == update_history.DB_NAME:  # the live database replaced by a link
         code = "import os\nos.unlink('appliance.db')\n" + code
     h.as_service_user(code)
 
@@ -432,7 +435,7 @@ def test_a_link_swapped_in_after_the_check_reaches_only_the_service_users_files(
     """The race the checks cannot close (a link swapped in between the check and SQLite's
     open): root opens the database with the service user's rights, so the link leads nowhere
     the service user could not go itself."""
-    monkeypatch.setattr(Updater, "_check_db_files", lambda self: True)  # the check lost
+    monkeypatch.setattr(UpdateHistory, "check_db_files", lambda self: True)  # the check lost
     for side in ("-wal", "-shm"):
         (host.data / f"appliance.db{side}").unlink(missing_ok=True)
     _plant(host, "appliance.db", host.secret / "root-only.db")
@@ -474,7 +477,7 @@ def test_fix_owner_changes_only_plain_files_through_descriptors(host: Host) -> N
     wal.unlink(missing_ok=True)
     wal.write_bytes(b"")  # as root, as SQLite would make it
     (host.data / "appliance.db-journal").symlink_to(host.root / "releases" / "1.0.0")
-    host.upd._fix_owner()
+    host.upd.store.fix_owner()
     assert (host.root / "releases" / "1.0.0").stat().st_uid == 0
     assert (wal.stat().st_uid, stat.S_IMODE(wal.stat().st_mode)) == (SERVICE_UID, 0o600)
 
@@ -531,16 +534,16 @@ def test_nested_or_oversized_requests_are_refused_with_a_status(
 ) -> None:
     upd = plain_host
     spool = upd.cfg.spool_dir
-    before = tree(upd.root)
+    before = tree(upd.cfg.root)
     (spool / update_spool.REQUEST).write_bytes(NESTED[what])
-    code = updater.run_request(upd)
+    code = update_cli.run_request(upd)
     assert code == updater.EXIT_OK
     status = update_spool.read_status(spool)
     assert status is not None
     assert status["state"] == "refused", status
     assert REASONS[what] in status["message"], status
     assert [p.name for p in spool.iterdir()] == [update_spool.STATUS]
-    assert tree(upd.root) == before
+    assert tree(upd.cfg.root) == before
     row = upd.history()[0]
     assert (row["status"], row["action"]) == ("refused", "request")
 
@@ -553,7 +556,7 @@ def test_a_nested_leftover_request_is_reported_as_interrupted(
     upd = plain_host
     spool = upd.cfg.spool_dir
     (spool / "processing-0123456789abcdef.json").write_bytes(NESTED[what])
-    assert updater.run_request(upd) == updater.EXIT_OK
+    assert update_cli.run_request(upd) == updater.EXIT_OK
     status = update_spool.read_status(spool)
     assert status is not None and status["state"] == "failed", status
     assert "interrupted" in status["message"]
@@ -563,8 +566,8 @@ def test_a_nested_leftover_request_is_reported_as_interrupted(
 def test_a_nested_health_answer_is_no_answer() -> None:
     """/health is answered by the service (the service user's code): bounded like a request."""
     for body in (b"[" * 100_000, b'{"version": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
-        assert updater._json_field(httpx.Response(200, content=body), "version") is None
-    assert updater._json_field(httpx.Response(200, json={"version": "1.0"}), "version") == "1.0"
+        assert health._json_field(httpx.Response(200, content=body), "version") is None
+    assert health._json_field(httpx.Response(200, json={"version": "1.0"}), "version") == "1.0"
 
 
 def test_load_json_counts_depth_outside_strings_only() -> None:

@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from appliance import __version__
+from appliance.system.update import cli as update_cli
 from appliance.system.update import spool as update_spool
 from appliance.system.update import updater
 from appliance.system.update.updater import Config, Updater
@@ -79,7 +80,7 @@ def test_rollback_from_the_updates_page(
         health_timeout=30,
     )
     codes: list[int] = []
-    worker = threading.Thread(target=lambda: codes.append(updater.run_request(Updater(cfg))))
+    worker = threading.Thread(target=lambda: codes.append(update_cli.run_request(Updater(cfg))))
     worker.start()
     worker.join(120)
     assert codes == [updater.EXIT_OK], update_spool.read_status(spool)

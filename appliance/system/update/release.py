@@ -40,17 +40,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.system.update.spool import BUNDLE_SUFFIX, MAX_ARTIFACT
+from appliance.system.update.version import VersionError, release_name_ok, version_key
+
 NAME = "whisper-appliance"
 FORMAT = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
-BUNDLE_SUFFIX = ".release.tar"
 DEFAULT_KEY_DIR = Path("/etc/whisper-appliance/release-keys")
 MAX_SMALL = 1024 * 1024  # manifest and signature
-MAX_ARTIFACT = 8 * 1024**3
 MAX_BUNDLE = MAX_ARTIFACT + 4 * MAX_SMALL  # the artifact, manifest, signature, tar headers
 _CHUNK = 1024 * 1024
-_VERSION = re.compile(r"^(\d+(?:\.\d+){0,3})([.+-]?[0-9A-Za-z.+-]{0,40})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -59,22 +59,15 @@ class ReleaseError(Exception):
     """The release is unusable: bad signature, checksum, manifest or archive."""
 
 
-def version_key(text: str) -> tuple[tuple[int, ...], int, str]:
-    """Sort key: release numbers, then a release above its pre-releases (a, b, rc, dev)."""
-    match = _VERSION.match(text.strip())
-    if not match:
-        raise ReleaseError(f"not a version number: {text[:60]!r}")
-    numbers = tuple(int(n) for n in match.group(1).split("."))
-    numbers += (0,) * (4 - len(numbers))
-    suffix = match.group(2).lower()
-    pre = bool(re.match(r"^[.-]?(a|b|c|rc|alpha|beta|dev|pre)", suffix))
-    return numbers, 0 if pre else 1, suffix
-
-
 def _check_version(text: object) -> str:
-    if not isinstance(text, str) or not _VERSION.match(text) or ".." in text:
+    """A release version: PEP 440 (pip installs it) and a safe directory name."""
+    if not release_name_ok(text):
         raise ReleaseError(f"not a usable version number: {str(text)[:60]!r}")
-    version_key(text)
+    assert isinstance(text, str)
+    try:
+        version_key(text)
+    except VersionError as exc:
+        raise ReleaseError(str(exc)) from None
     return text
 
 

@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.system.update.version import release_name_ok
+
 SPOOL = "update-requests"
 REQUEST = "request.json"
 STATUS = "status.json"
 PROCESSING_PREFIX = "processing-"
 UPLOAD_PREFIX = "upload-"
-BUNDLE_SUFFIX = ".release.tar"
+BUNDLE_SUFFIX = ".release.tar"  # an uploaded release bundle (appliance.system.update.release)
+MAX_ARTIFACT = 8 * 1024**3  # the largest release wheelhouse the updater takes
 ACTIONS = ("apply", "rollback")
 MAX_REQUEST_BYTES = 8 * 1024
 MAX_STATUS_BYTES = 64 * 1024
@@ -44,7 +47,6 @@ MAX_JSON_DEPTH = 16  # a request is flat; status.json one level deeper
 
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 _UPLOAD = re.compile(r"^upload-[0-9a-f]{16,64}\.release\.tar$")
-_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+-]{0,60}$")
 _PROCESSING = re.compile(r"^processing-[0-9a-f]{16}\.json$")
 _TMP = ".tmp-"
 
@@ -105,8 +107,9 @@ def check_url(value: object) -> str:
 
 
 def check_version(value: object) -> str:
-    if not isinstance(value, str) or not _VERSION.match(value) or ".." in value:
+    if not release_name_ok(value):
         raise RequestError("a version looks like 1.2.3 (digits, letters, '.', '+', '-')")
+    assert isinstance(value, str)
     return value
 
 

@@ -12,8 +12,6 @@ import asyncio
 import logging
 import os
 import re
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,9 @@ from quart import Response, current_app, jsonify, request
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import __version__
+from appliance.system.update import history as update_history
 from appliance.system.update import spool as update_spool
-from appliance.system.update.release import MAX_ARTIFACT
-from appliance.system.update.updater import Config, Updater
+from appliance.system.update.releases import DEFAULT_ROOT, ReleaseTree
 from appliance.web.admin import updates
 from appliance.web.admin.guard import blueprint, read_json
 from appliance.web.errors import APIError
@@ -71,10 +69,9 @@ def _spool() -> Path:
     return update_spool.ensure(services().settings.data_dir)
 
 
-def _updater() -> Updater:
+def _releases() -> ReleaseTree:
     """Read-only use: list the releases under the install root (UPDATER_ROOT, as the unit)."""
-    root = os.environ.get("UPDATER_ROOT") or str(Config.root)
-    return Updater(Config(root=Path(root), data_dir=services().settings.data_dir))
+    return ReleaseTree(Path(os.environ.get("UPDATER_ROOT") or DEFAULT_ROOT))
 
 
 def _lock() -> asyncio.Lock:
@@ -82,30 +79,14 @@ def _lock() -> asyncio.Lock:
     return lock
 
 
-def _history(db_path: Path) -> list[dict[str, Any]]:
-    """Read-only: the web process never migrates the updater's table."""
-    if not db_path.exists():
-        return []
-    try:
-        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
-            db.row_factory = sqlite3.Row
-            rows = db.execute(
-                "SELECT * FROM update_history ORDER BY id DESC LIMIT ?", (HISTORY_ROWS,)
-            ).fetchall()
-    except sqlite3.Error:  # no table yet: never updated
-        return []
-    return [dict(r) for r in rows]
-
-
 def _state(spool: Path) -> dict[str, Any]:
-    upd = _updater()
     return {
         "current_version": __version__,
-        "releases": upd.installed(),
+        "releases": _releases().installed(),
         "state": update_spool.busy(spool) or "idle",
         "pending": update_spool.read_pending(spool),
         "status": update_spool.read_status(spool),
-        "history": _history(services().settings.db_path),
+        "history": update_history.read_only(services().settings.db_path, HISTORY_ROWS),
     }
 
 
@@ -186,7 +167,7 @@ async def upload_update() -> Response:
     limit = int(current_app.config.get(MAX_BUNDLE_CONFIG, DEFAULT_MAX_BUNDLE))
     try:
         upload = await receive_upload(
-            request, services().settings.tmp_dir, min(limit, MAX_ARTIFACT)
+            request, services().settings.tmp_dir, min(limit, update_spool.MAX_ARTIFACT)
         )
     except OSError as exc:  # the disk filled up while the bundle arrived
         raise APIError(507, "insufficient_storage", f"cannot store the upload: {exc}") from None
@@ -239,7 +220,7 @@ async def rollback_update() -> Response:
         req = update_spool.make_request("rollback", to_version=to_version)
     except update_spool.RequestError as exc:
         raise APIError(400, "invalid_version", str(exc)) from None
-    installed = await asyncio.to_thread(_updater().installed)
+    installed = await asyncio.to_thread(_releases().installed)
     if to_version is not None and to_version not in installed:
         raise APIError(400, "unknown_version", f"{to_version} is not an installed release")
     spool = _spool()

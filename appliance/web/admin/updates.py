@@ -15,26 +15,14 @@ from typing import Any
 
 import httpx
 
+from appliance.system.update.version import VersionError, version_key
 from appliance.web.jsonbody import parse_json
 
 MAX_MANIFEST = 1024 * 1024
-_VERSION = re.compile(r"^v?(\d+(?:\.\d+){0,3})([.+-]?[0-9A-Za-z.+-]*)$")
 
 
 class UpdateError(Exception):
     pass
-
-
-def version_key(text: str) -> tuple[tuple[int, ...], int]:
-    """Sort key: release numbers, then a release above its pre-releases (rc, a, b, dev)."""
-    match = _VERSION.match(text.strip())
-    if not match:
-        raise UpdateError(f"not a version number: {text[:40]!r}")
-    numbers = tuple(int(n) for n in match.group(1).split("."))
-    numbers += (0,) * (4 - len(numbers))
-    suffix = match.group(2).lower()
-    pre = bool(re.match(r"^[.-]?(a|b|rc|alpha|beta|dev|pre)", suffix))
-    return numbers, 0 if pre else 1
 
 
 async def _fetch(source: str) -> bytes:
@@ -76,7 +64,7 @@ def latest_release(manifest: Any) -> dict[str, Any]:
         if isinstance(entry, dict) and isinstance(entry.get("version"), str):
             try:
                 valid.append((version_key(entry["version"]), entry))
-            except UpdateError:
+            except VersionError:
                 continue
     if not valid:
         raise UpdateError("the manifest names no release version")
@@ -105,7 +93,7 @@ async def check(source: str, current: str) -> dict[str, Any]:
         result["url"] = url if isinstance(url, str) and re.match(r"^https?://", url) else None
         try:
             newer = version_key(release["version"]) > version_key(current)
-        except UpdateError:
+        except VersionError:
             newer = False
         result["update_available"] = newer
     except (UpdateError, httpx.HTTPError, OSError, ValueError) as exc:
