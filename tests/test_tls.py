@@ -22,13 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from appliance.web import tls
+from appliance.system import certificates as tls
+from appliance.web import tls as web_tls
 from tests.conftest import Server, free_port, start_server, stop_server
 from tests.conftest import make_settings as make_settings
 
 
 def os_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """What the OS reports, computed independently of appliance.web.tls."""
+    """What the OS reports, computed independently of appliance.system.certificates."""
     found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for entries in psutil.net_if_addrs().values():
         for entry in entries:
@@ -208,13 +209,13 @@ def test_serve_refuses_a_mismatched_key_with_a_clear_message(tmp_path: Path) -> 
 
 def test_redirect_location() -> None:
     assert (
-        tls.redirect_location("192.168.1.50", "/admin", "a=1", 5001)
+        web_tls.redirect_location("192.168.1.50", "/admin", "a=1", 5001)
         == "https://192.168.1.50:5001/admin?a=1"
     )
-    assert tls.redirect_location("box.lan:80", "/", "", 443) == "https://box.lan/"
-    assert tls.redirect_location("[fe80::1]:80", "/x", "", 5001) == "https://[fe80::1]:5001/x"
-    assert tls.redirect_location("evil\r\nX: y", "/", "", 5001) is None
-    assert tls.redirect_location("", "/", "", 5001) is None
+    assert web_tls.redirect_location("box.lan:80", "/", "", 443) == "https://box.lan/"
+    assert web_tls.redirect_location("[fe80::1]:80", "/x", "", 5001) == "https://[fe80::1]:5001/x"
+    assert web_tls.redirect_location("evil\r\nX: y", "/", "", 5001) is None
+    assert web_tls.redirect_location("", "/", "", 5001) is None
 
 
 # --- a real HTTPS server with the redirect listener ------------------------------------------
@@ -317,7 +318,7 @@ def test_running_listener_gets_the_reissued_certificate(tmp_path: Path) -> None:
     cert_file, key_file = tls.ensure_server_certificate(tls.tls_dir(settings), {"localhost"}, first)
     config = Config()
     config.certfile, config.keyfile = str(cert_file), str(key_file)
-    live = tls.LiveCertificate(settings)
+    live = web_tls.LiveCertificate(settings)
     live.attach(config)
     context = config.create_ssl_context()  # what Hypercorn does once at start
     assert context is not None and live.contexts == [context]

@@ -44,10 +44,11 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 def configure_tls(config: Config, settings: Settings) -> None:
-    """Certificates from appliance.web.tls (generated CA + server cert, or the custom pair)."""
-    from appliance.web import tls
+    """Certificates from appliance.system.certificates (generated CA + server cert, or the
+    custom pair)."""
+    from appliance.system.certificates import server_certificate
 
-    cert, key = tls.server_certificate(settings)
+    cert, key = server_certificate(settings)
     config.certfile = str(cert)
     config.keyfile = str(key)
 
