@@ -30,6 +30,7 @@ from typing import Any
 from itsdangerous import BadSignature, TimestampSigner
 
 from appliance.core.db import Database
+from appliance.exceptions import ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,8 @@ MIGRATIONS = [
 ]
 
 
-class AuthError(Exception):
-    """A refused credential or an invalid change; `code` and `status` are for the API."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class AuthError(ApplianceError):
+    """A refused credential or an invalid change: AuthError(status, code, message)."""
 
 
 # --- passwords -------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import aiosqlite
 
+from appliance.exceptions import ApplianceError
+
 log = logging.getLogger(__name__)
 
 
-class StartupError(Exception):
+class StartupError(ApplianceError):
     """The appliance cannot start: the database or DATA_DIR is unusable (the message says why)."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance.core.db import Database
 from appliance.core.engines.base import Segment, Transcript, Word
+from appliance.exceptions import ApplianceError
 
 MIGRATIONS = [
     """
@@ -221,7 +222,7 @@ def segments_from_json(data: str) -> list[Segment]:
 _NOT_SEARCHABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-class SearchError(ValueError):
+class SearchError(ApplianceError, ValueError):
     """The search text could not be run as a full-text query."""
 
 

@@ -42,6 +42,7 @@ from appliance.core.engines import windowed
 from appliance.core.engines.base import Segment, TranscribeOptions, Transcript
 from appliance.core.metrics import Metrics
 from appliance.core.model_manager import ModelManager
+from appliance.exceptions import ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,17 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
-class QueueFullError(Exception):
+class QueueFullError(ApplianceError):
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"the queue is full; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
-class JobStoreError(Exception):
+class JobStoreError(ApplianceError):
     """The job could not be stored (database or disk): it was not accepted."""
 
 
-class JobCancelledError(Exception):
+class JobCancelledError(ApplianceError):
     pass
 
 

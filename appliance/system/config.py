@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.ratelimit import Rate, parse_rate
+from appliance.exceptions import ApplianceError
 
 _SIZE_UNITS = {
     "": 1,
@@ -39,7 +40,7 @@ COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "float16", "int8_fl
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(ApplianceError, ValueError):
     """A setting has a value the appliance cannot run with."""
 
 

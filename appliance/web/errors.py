@@ -1,6 +1,7 @@
-"""One error type raised anywhere, one handler that renders it as JSON.
+"""One handler that renders errors as JSON: `{"error": {"code": ..., "message": ...}}`.
 
-Every error the API returns has the shape `{"error": {"code": ..., "message": ...}}`.
+Every error of the appliance's own derives from `appliance.exceptions.ApplianceError` (status,
+code, message), whatever layer raises it; `APIError` is the same class under its web name.
 """
 
 from __future__ import annotations
@@ -11,24 +12,13 @@ from quart import Quart, Response, jsonify
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from appliance.exceptions import ApplianceError
+
 log = logging.getLogger(__name__)
 
 
-class APIError(Exception):
-    """An error meant for the client: a status, a stable code and a human message."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
+# the name the web code has always raised: the root itself
+APIError = ApplianceError
 
 
 def error_response(
@@ -42,8 +32,12 @@ def error_response(
 
 
 def register_error_handlers(app: Quart) -> None:
-    @app.errorhandler(APIError)
-    async def _api_error(error: APIError) -> Response:
+    @app.errorhandler(ApplianceError)
+    async def _appliance_error(error: ApplianceError) -> Response:
+        """Every error of the appliance's own, from any layer: the one place they are rendered."""
+        if error.internal:
+            log.error("unhandled error", exc_info=error)
+            return error_response(500, "internal_error", "internal error; see the server log")
         return error_response(error.status, error.code, error.message, error.headers)
 
     @app.errorhandler(RequestSchemaValidationError)

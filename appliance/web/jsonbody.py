@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from quart import Request
 
+from appliance.exceptions import ApplianceError
 from appliance.web.errors import APIError
 
 MAX_JSON_BYTES = 64 * 1024
@@ -30,7 +31,7 @@ MAX_JSON_DEPTH = 32
 _TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
 
 
-class JSONInputError(ValueError):
+class JSONInputError(ApplianceError, ValueError):
     """JSON input refused: an HTTP status, a stable error code and a message for the client."""
 
     def __init__(self, status: int, code: str, message: str) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.core.db import Database
+from appliance.exceptions import ApplianceError
 from appliance.system.config import Settings, parse_bool, parse_size
 from appliance.web.services import Services
 
@@ -37,13 +38,14 @@ _LANGUAGE = re.compile(r"^[a-z]{2,3}$|^haw$|^yue$")
 _ORIGIN = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
 
 
-class SettingsError(ValueError):
-    """A runtime setting value that is refused; `field` names it."""
+class SettingsError(ApplianceError, ValueError):
+    """A runtime setting value that is refused; `field` names it (so does the message)."""
+
+    code = "invalid_setting"
 
     def __init__(self, field: str, message: str, status: int = 400) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-        self.message = message
         self.status = status
 
 

@@ -15,6 +15,8 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from appliance.exceptions import ApplianceError
+
 SAMPLE_RATE = 16_000
 Audio = npt.NDArray[np.float32]
 Task = Literal["transcribe", "translate"]
@@ -113,5 +115,5 @@ class Engine(Protocol):
     def load(self, model_dir: Path) -> LoadedModel: ...
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(ApplianceError, RuntimeError):
     """The engine's optional dependencies are not installed."""

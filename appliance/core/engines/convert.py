@@ -24,6 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from appliance.exceptions import ApplianceError
+
 # Bump when the produced checkpoint changes, so stale cached checkpoints are rebuilt.
 CONVERTER_VERSION = 1
 # CTranslate2 >= 3 writes binary version 6 (include/ctranslate2/models/model.h); the layout
@@ -36,7 +38,7 @@ _QUANTISED = ("int8", "int16")
 Array = npt.NDArray[np.generic]
 
 
-class ConversionError(ValueError):
+class ConversionError(ApplianceError, ValueError):
     """The model directory cannot be turned into an openai-whisper checkpoint."""
 
 

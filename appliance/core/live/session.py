@@ -51,6 +51,7 @@ import numpy.typing as npt
 from appliance.core.engines.base import SAMPLE_RATE, Segment, Transcript, Word
 from appliance.core.live.decoder import Decoder, Hypothesis
 from appliance.core.live.vad import WINDOW, StreamingVad
+from appliance.exceptions import ApplianceError
 
 Message = dict[str, Any]
 Samples = npt.NDArray[np.float32]
@@ -739,8 +740,10 @@ def pcm_to_float(pcm: bytes) -> Samples:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
-class BacklogError(Exception):
+class BacklogError(ApplianceError):
     """More audio waits than the session may hold: the engine cannot keep up at all."""
+
+    status, code = 503, "overloaded"
 
 
 class LiveSession:

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.exceptions import ApplianceError
 from appliance.system.update.spool import BUNDLE_SUFFIX, MAX_ARTIFACT
 from appliance.system.update.version import VersionError, release_name_ok, version_key
 
@@ -55,8 +56,10 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ReleaseError(Exception):
+class ReleaseError(ApplianceError):
     """The release is unusable: bad signature, checksum, manifest or archive."""
+
+    status, code = 400, "bad_release"
 
 
 def _check_version(text: object) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.exceptions import ApplianceError
 from appliance.system.update.version import release_name_ok
 
 SPOOL = "update-requests"
@@ -51,12 +52,16 @@ _PROCESSING = re.compile(r"^processing-[0-9a-f]{16}\.json$")
 _TMP = ".tmp-"
 
 
-class RequestError(ValueError):
+class RequestError(ApplianceError, ValueError):
     """A request that must not be acted on (bad JSON, field, source or version)."""
 
+    status, code = 400, "invalid_request"
 
-class SpoolBusy(Exception):
+
+class SpoolBusy(ApplianceError):
     """A request is pending or running already."""
+
+    status, code = 409, "update_pending"
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,16 @@ import re
 
 from packaging.version import InvalidVersion, Version
 
+from appliance.exceptions import ApplianceError
+
 # a version that is also a safe directory name under releases/: no '/', no '..'
 _NAME = re.compile(r"^[0-9][0-9A-Za-z.+-]{0,60}$")
 
 
-class VersionError(ValueError):
+class VersionError(ApplianceError, ValueError):
     """Not a version number."""
+
+    status, code = 400, "invalid_version"
 
 
 def version_key(text: str) -> Version:

@@ -103,10 +103,8 @@ def _refuse_if_busy(spool: Path) -> None:
 
 
 async def _submit(spool: Path, req: update_spool.UpdateRequest) -> None:
-    try:
-        await asyncio.to_thread(update_spool.submit, spool, req)
-    except update_spool.SpoolBusy as exc:
-        raise APIError(409, "update_pending", str(exc)) from None
+    # SpoolBusy is an ApplianceError (409 update_pending): the error handler answers
+    await asyncio.to_thread(update_spool.submit, spool, req)
     log.info("update requested: %s %s", req.action, req.source or req.to_version or "")
 
 

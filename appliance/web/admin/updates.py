@@ -15,14 +15,17 @@ from typing import Any
 
 import httpx
 
+from appliance.exceptions import ApplianceError
 from appliance.system.update.version import VersionError, version_key
 from appliance.web.jsonbody import parse_json
 
 MAX_MANIFEST = 1024 * 1024
 
 
-class UpdateError(Exception):
-    pass
+class UpdateError(ApplianceError):
+    """The update check failed (the source, or its manifest)."""
+
+    status, code = 502, "update_check_failed"
 
 
 async def _fetch(source: str) -> bytes:

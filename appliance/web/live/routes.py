@@ -35,6 +35,7 @@ from appliance.core.engines.base import SAMPLE_RATE
 from appliance.core.live.decoder import Decoder
 from appliance.core.live.session import BacklogError, LiveConfig, LiveSession, LiveTranscriber
 from appliance.core.model_manager import ModelError
+from appliance.exceptions import ApplianceError
 from appliance.web.api.options import parse_language, parse_task
 from appliance.web.api.submit import resolve_model
 from appliance.web.errors import APIError
@@ -60,7 +61,7 @@ class LiveRegistry:
     started: int = 0
 
 
-class Refusal(Exception):
+class Refusal(ApplianceError):
     """End the connection: an `error` message, then a close with `close_code`."""
 
     def __init__(self, close_code: int, code: str, message: str, reason: str) -> None:
