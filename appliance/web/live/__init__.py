@@ -1,10 +1,9 @@
 """Live speech: `GET /ws/live` streams microphone audio in and partial/final text out.
 
-- `vad` — streaming Silero VAD (the model shipped inside faster-whisper);
-- `decoder` — one utterance to text (short encoder window with faster-whisper);
-- `session` — the socket-free core (`LiveTranscriber`) and its asyncio driver (`LiveSession`);
 - `routes` — the WebSocket route: origin check, limits, protocol, history;
-- `realtime` — OpenAI's Realtime transcription protocol (`/v1/realtime`) on the same route code.
+- `realtime` — OpenAI's Realtime transcription protocol (`/v1/realtime`) on the same route code;
+- the speech side lives in `appliance.core.live`: `vad` (streaming Silero VAD), `decoder` (one
+  utterance to text), `session` (the socket-free `LiveTranscriber` and its driver).
 
 The protocol is documented in README.md ("Live protocol").
 """
