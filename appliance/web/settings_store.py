@@ -3,7 +3,9 @@
 The effective values are published in `services().extras` under the names below, where the
 rest of the appliance reads them (`default_model`, `default_language`, `max_upload_size`,
 `require_api_key`, `allowed_origins`, `live_max_sessions`, `live_max_minutes`,
-`default_callback_url`), and the history retention is applied to the running `History`.
+`default_callback_url`), and the history retention is applied to the running `History`. Read
+the first three through the typed `Services.default_model`, `.default_language` and
+`.max_upload_size` (the environment is their default there, once).
 """
 
 from __future__ import annotations

@@ -50,14 +50,14 @@ def languages() -> list[tuple[str, str]]:
 
 def page_context() -> dict[str, Any]:
     s = services()
-    default_model = s.extras.get("default_model") or s.settings.whisper_model
+    default_model = s.default_model
     models = [m for m in s.models.status() if m["state"] != "not_downloaded"]
     if not any(m["name"] == default_model for m in models):
         models.insert(0, {"name": default_model, "languages": "", "description": ""})
     return {
         "models": models,
         "default_model": default_model,
-        "default_language": s.extras.get("default_language") or "auto",
+        "default_language": s.default_language or "auto",
         "languages": languages(),
         "chunk_samples": s.settings.audio_chunk_size,
     }

@@ -75,8 +75,7 @@ def _releases() -> ReleaseTree:
 
 
 def _lock() -> asyncio.Lock:
-    lock: asyncio.Lock = services().extras.setdefault("update_request_lock", asyncio.Lock())
-    return lock
+    return services().update_request_lock
 
 
 def _state(spool: Path) -> dict[str, Any]:
