@@ -58,3 +58,8 @@ class ApplianceError(Exception):
     def internal(self) -> bool:
         """Not meant for clients: rendered as a generic 500 and logged."""
         return self.status >= 500 and self.code == "internal_error"
+
+
+class ConfigError(ApplianceError, ValueError):
+    """A setting has a value the appliance cannot run with (every layer may raise it; the
+    settings live in `appliance.system.config`, which re-exports it)."""

@@ -1,4 +1,4 @@
-"""Batched decoding of long files (issue 13, item 1): `appliance.core.engines.faster_whisper_engine`.
+"""Batched decoding of long files (issue 13, item 1): `core.engines.faster_whisper_engine`.
 
 On a real long recording (the real clips in shuffled passes with pauses, `bench.longform`) the
 batched path must transcribe as well as sequential decoding (WER within 1 point), stream its

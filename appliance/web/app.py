@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 def _init_features(app: Quart) -> None:
     """Each feature module registers its blueprints and start/stop hooks here."""
     # issue 14: /metrics; its request timer first, so requests refused below are timed too
-    from appliance.core import metrics
+    from appliance.web import metrics
 
     metrics.init_app(app)
     # issue 6 (security): logging first (request ids), then TLS routes, the request guard

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.system.config import DEVICES, ConfigError
+from appliance.exceptions import ConfigError
 
 log = logging.getLogger("appliance.device")
 
+DEVICES = ("auto", "cpu", "cuda")  # the values DEVICE accepts
 GPU_WORKERS = 2  # model replicas on the GPU when WORKER_PROCESSES=0 (auto)
 
 
