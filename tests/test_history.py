@@ -84,3 +84,35 @@ async def test_retention_by_rows_and_age(tmp_path: Path) -> None:
     assert await aged.apply_retention() == 2
     assert (await aged.list())[1] == 0
     await db.close()
+
+
+async def test_rebuilt_tables_carry_the_shared_trigger_definitions(tmp_path: Path) -> None:
+    """Versions 2 and 4 rebuild `transcripts` and create its triggers again from the same
+    constants as versions 1 and 3: after every migration the triggers in the schema are exactly
+    those definitions, statement for statement (each one stored once in sqlite_master)."""
+    import re
+
+    from appliance.core import history as module
+
+    expected = {
+        match.group(1): match.group(0)
+        for match in re.finditer(
+            r"CREATE TRIGGER (\w+).*?END", module._FTS_TRIGGERS + module._EDIT_TRIGGERS, re.S
+        )
+    }
+    assert len(expected) == 6
+    for version in range(1, len(module.MIGRATIONS) + 1):
+        db = await Database.open(tmp_path / f"v{version}.db")
+        await db.migrate("history", module.MIGRATIONS[:version])
+        async with db.conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name IN "
+            "('transcripts', 'transcript_revisions')"
+        ) as cur:
+            triggers = dict(await cur.fetchall())
+        await db.close()
+        names = {"transcripts_ai", "transcripts_ad"}
+        if version >= 3:
+            names |= set(expected) - names
+        assert set(triggers) == names, version
+        for name in names:
+            assert triggers[name] == expected[name], (version, name)

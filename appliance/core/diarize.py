@@ -24,11 +24,9 @@ import functools
 import hashlib
 import importlib.util
 import io
-import os
 import pickle
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.core.engines.base import SAMPLE_RATE, Audio, Segment, TranscribeOptions
+from appliance.core.package_index import file_url
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -191,34 +190,11 @@ _REQUIRED = [
 ]
 
 
-def package_index() -> str:
-    """The index pip is configured with (as scripts/fetch_clips.py reads it)."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"].rstrip("/")
-    listed = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
-    ).stdout
-    for section in ("download", "global"):
-        for line in listed.splitlines():
-            key, _, value = line.partition("=")
-            if key == f"{section}.index-url":
-                return value.strip("'\"").rstrip("/")
-    from pip._internal.models.index import PyPI  # pip's own default, not a host of ours
-
-    return str(PyPI.simple_url).rstrip("/")
-
-
 def fetch(data_dir: Path, index: str | None = None) -> Path:
     """Download the pinned Resemblyzer wheel, check it, and convert its encoder weights."""
-    import json
 
     target = data_dir / "models" / NPZ_NAME
-    base = (index or package_index()).rstrip("/")
-    request = urllib.request.Request(  # noqa: S310 - the configured package index
-        f"{base}/resemblyzer/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-        url = next(f["url"] for f in json.load(response)["files"] if f["filename"] == WHEEL)
+    url = file_url("resemblyzer", WHEEL, index)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = Path(tmp) / WHEEL
         with urllib.request.urlopen(url, timeout=300) as r, wheel.open("wb") as f:  # noqa: S310

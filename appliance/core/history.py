@@ -19,26 +19,10 @@ from appliance.core.db import Database
 from appliance.core.engines.base import Segment, Transcript, Word
 from appliance.exceptions import ApplianceError
 
-MIGRATIONS = [
-    """
-    CREATE TABLE transcripts (
-        id TEXT NOT NULL UNIQUE,
-        created REAL NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('upload', 'api', 'live')),
-        filename TEXT NOT NULL DEFAULT '',
-        duration REAL NOT NULL DEFAULT 0,
-        model TEXT NOT NULL,
-        language TEXT NOT NULL DEFAULT '',
-        task TEXT NOT NULL DEFAULT 'transcribe',
-        text TEXT NOT NULL,
-        segments TEXT NOT NULL DEFAULT '[]',
-        timings TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX transcripts_created ON transcripts(created);
-    CREATE VIRTUAL TABLE transcripts_fts USING fts5(
-        text, filename, content='transcripts', content_rowid='rowid'
-    );
-    CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
+# The triggers that keep the FTS index in step with `transcripts` (version 1) and the editor's
+# triggers (version 3). A table rebuild (versions 2 and 4) must create them again, with the
+# same text: one definition each, so the rebuilt schema cannot drift from the original.
+_FTS_TRIGGERS = """CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
         INSERT INTO transcripts_fts(rowid, text, filename)
         VALUES (new.rowid, new.text, new.filename);
     END;
@@ -46,61 +30,10 @@ MIGRATIONS = [
         INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
         VALUES ('delete', old.rowid, old.text, old.filename);
     END;
-    """,
-    # issue 14: transcripts also come from /asr (whisper-asr-webservice API), Wyoming and the
-    # OpenAI Realtime API. SQLite cannot alter a CHECK: the table is rebuilt (rowids kept,
-    # so the FTS index stays valid; DROP TABLE fires no triggers).
     """
-    CREATE TABLE transcripts_v2 (
-        id TEXT NOT NULL UNIQUE,
-        created REAL NOT NULL,
-        source TEXT NOT NULL
-            CHECK (source IN ('upload', 'api', 'live', 'asr', 'wyoming', 'realtime')),
-        filename TEXT NOT NULL DEFAULT '',
-        duration REAL NOT NULL DEFAULT 0,
-        model TEXT NOT NULL,
-        language TEXT NOT NULL DEFAULT '',
-        task TEXT NOT NULL DEFAULT 'transcribe',
-        text TEXT NOT NULL,
-        segments TEXT NOT NULL DEFAULT '[]',
-        timings TEXT NOT NULL DEFAULT '{}'
-    );
-    INSERT INTO transcripts_v2 (rowid, id, created, source, filename, duration, model, language,
-        task, text, segments, timings)
-    SELECT rowid, id, created, source, filename, duration, model, language, task, text,
-        segments, timings FROM transcripts;
-    DROP TABLE transcripts;
-    ALTER TABLE transcripts_v2 RENAME TO transcripts;
-    CREATE INDEX transcripts_created ON transcripts(created);
-    CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
-        INSERT INTO transcripts_fts(rowid, text, filename)
-        VALUES (new.rowid, new.text, new.filename);
-    END;
-    CREATE TRIGGER transcripts_ad AFTER DELETE ON transcripts BEGIN
-        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
-        VALUES ('delete', old.rowid, old.text, old.filename);
-    END;
-    """,
-    # issue 15: the transcript editor. `transcripts` keeps the latest text (so search and
-    # exports follow edits) plus its revision number and speaker names; every revision,
-    # the original (0) included, is a row of `transcript_revisions`. The original is copied
-    # there only at the first edit. Each edit or restore is one INSERT whose triggers update
-    # `transcripts`, so a write is atomic and conditional on the revision it was based on.
-    # No foreign key: a later table rebuild (DROP TABLE) would cascade; a trigger does not fire.
+_EDIT_TRIGGERS = (
+    "CREATE TRIGGER transcripts_au AFTER UPDATE OF text, filename ON transcripts BEGIN"
     """
-    ALTER TABLE transcripts ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE transcripts ADD COLUMN speakers TEXT NOT NULL DEFAULT '{}';
-    CREATE TABLE transcript_revisions (
-        entry_id TEXT NOT NULL,
-        revision INTEGER NOT NULL,
-        created REAL NOT NULL,
-        note TEXT NOT NULL DEFAULT '',
-        text TEXT NOT NULL,
-        segments TEXT NOT NULL DEFAULT '[]',
-        speakers TEXT NOT NULL DEFAULT '{}',
-        PRIMARY KEY (entry_id, revision)
-    ) WITHOUT ROWID;
-    CREATE TRIGGER transcripts_au AFTER UPDATE OF text, filename ON transcripts BEGIN
         INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
         VALUES ('delete', old.rowid, old.text, old.filename);
         INSERT INTO transcripts_fts(rowid, text, filename)
@@ -122,11 +55,95 @@ MIGRATIONS = [
             speakers = new.speakers, revision = new.revision
         WHERE id = new.entry_id;
     END;
+    """
+)
+
+
+def _script(*parts: str) -> str:
+    """One migration from its own statements and the shared trigger definitions."""
+    return "".join(parts)
+
+
+MIGRATIONS = [
+    _script(
+        """
+    CREATE TABLE transcripts (
+        id TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('upload', 'api', 'live')),
+        filename TEXT NOT NULL DEFAULT '',
+        duration REAL NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        language TEXT NOT NULL DEFAULT '',
+        task TEXT NOT NULL DEFAULT 'transcribe',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        timings TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX transcripts_created ON transcripts(created);
+    CREATE VIRTUAL TABLE transcripts_fts USING fts5(
+        text, filename, content='transcripts', content_rowid='rowid'
+    );
     """,
+        _FTS_TRIGGERS,
+    ),
+    # issue 14: transcripts also come from /asr (whisper-asr-webservice API), Wyoming and the
+    # OpenAI Realtime API. SQLite cannot alter a CHECK: the table is rebuilt (rowids kept,
+    # so the FTS index stays valid; DROP TABLE fires no triggers).
+    _script(
+        """
+    CREATE TABLE transcripts_v2 (
+        id TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL,
+        source TEXT NOT NULL
+            CHECK (source IN ('upload', 'api', 'live', 'asr', 'wyoming', 'realtime')),
+        filename TEXT NOT NULL DEFAULT '',
+        duration REAL NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        language TEXT NOT NULL DEFAULT '',
+        task TEXT NOT NULL DEFAULT 'transcribe',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        timings TEXT NOT NULL DEFAULT '{}'
+    );
+    INSERT INTO transcripts_v2 (rowid, id, created, source, filename, duration, model, language,
+        task, text, segments, timings)
+    SELECT rowid, id, created, source, filename, duration, model, language, task, text,
+        segments, timings FROM transcripts;
+    DROP TABLE transcripts;
+    ALTER TABLE transcripts_v2 RENAME TO transcripts;
+    CREATE INDEX transcripts_created ON transcripts(created);
+    """,
+        _FTS_TRIGGERS,
+    ),
+    # issue 15: the transcript editor. `transcripts` keeps the latest text (so search and
+    # exports follow edits) plus its revision number and speaker names; every revision,
+    # the original (0) included, is a row of `transcript_revisions`. The original is copied
+    # there only at the first edit. Each edit or restore is one INSERT whose triggers update
+    # `transcripts`, so a write is atomic and conditional on the revision it was based on.
+    # No foreign key: a later table rebuild (DROP TABLE) would cascade; a trigger does not fire.
+    _script(
+        """
+    ALTER TABLE transcripts ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE transcripts ADD COLUMN speakers TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE transcript_revisions (
+        entry_id TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        created REAL NOT NULL,
+        note TEXT NOT NULL DEFAULT '',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        speakers TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (entry_id, revision)
+    ) WITHOUT ROWID;
+    """,
+        _EDIT_TRIGGERS,
+    ),
     # issue 15: files dropped into WATCH_DIR (appliance/web/inbox.py) are transcribed as 'inbox'.
     # The table is rebuilt as in version 2; the revision triggers name `transcripts` in their
     # bodies, so they are dropped first (a rename re-parses them) and made again after.
-    """
+    _script(
+        """
     DROP TRIGGER transcript_revisions_original;
     DROP TRIGGER transcript_revisions_latest;
     CREATE TABLE transcripts_v3 (
@@ -152,37 +169,10 @@ MIGRATIONS = [
     DROP TABLE transcripts;
     ALTER TABLE transcripts_v3 RENAME TO transcripts;
     CREATE INDEX transcripts_created ON transcripts(created);
-    CREATE TRIGGER transcripts_ai AFTER INSERT ON transcripts BEGIN
-        INSERT INTO transcripts_fts(rowid, text, filename)
-        VALUES (new.rowid, new.text, new.filename);
-    END;
-    CREATE TRIGGER transcripts_ad AFTER DELETE ON transcripts BEGIN
-        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
-        VALUES ('delete', old.rowid, old.text, old.filename);
-    END;
-    CREATE TRIGGER transcripts_au AFTER UPDATE OF text, filename ON transcripts BEGIN
-        INSERT INTO transcripts_fts(transcripts_fts, rowid, text, filename)
-        VALUES ('delete', old.rowid, old.text, old.filename);
-        INSERT INTO transcripts_fts(rowid, text, filename)
-        VALUES (new.rowid, new.text, new.filename);
-    END;
-    CREATE TRIGGER transcripts_ad_revisions AFTER DELETE ON transcripts BEGIN
-        DELETE FROM transcript_revisions WHERE entry_id = old.id;
-    END;
-    CREATE TRIGGER transcript_revisions_original BEFORE INSERT ON transcript_revisions
-    WHEN new.revision = 1 BEGIN
-        INSERT OR IGNORE INTO transcript_revisions
-            (entry_id, revision, created, note, text, segments, speakers)
-        SELECT id, 0, created, 'original', text, segments, speakers
-        FROM transcripts WHERE id = new.entry_id;
-    END;
-    CREATE TRIGGER transcript_revisions_latest AFTER INSERT ON transcript_revisions
-    WHEN new.revision > 0 BEGIN
-        UPDATE transcripts SET text = new.text, segments = new.segments,
-            speakers = new.speakers, revision = new.revision
-        WHERE id = new.entry_id;
-    END;
     """,
+        _FTS_TRIGGERS,
+        _EDIT_TRIGGERS,
+    ),
 ]
 
 _COLUMNS = "id, created, source, filename, duration, model, language, task, text, revision"
