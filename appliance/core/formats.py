@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.engines.base import Segment, Transcript, Word
+
+if TYPE_CHECKING:
+    from appliance.core.jobs import Job
 
 Names = Mapping[str, str] | None
 
@@ -171,3 +174,20 @@ def render(t: Transcript, fmt: str, speakers: Names = None) -> str:
             out["speakers"] = dict(speakers)
         return json.dumps(out)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def job_result(job: Job) -> dict[str, Any]:
+    """The JSON result of a finished job: `GET /api/jobs/{id}/result` and the webhook body."""
+    assert job.result is not None
+    data = verbose(job.result, task=job.options.task, words=job.options.word_timestamps)
+    return {
+        "id": job.history_id,
+        "job_id": job.id,
+        "text": data["text"],
+        "language": data["language"],
+        "duration": data["duration"],
+        "model": job.model,
+        "segments": data["segments"],
+        "words": data.get("words"),
+        "timings": job.timings,
+    }

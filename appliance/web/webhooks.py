@@ -29,11 +29,8 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
-
-from quart import Quart
 
 from appliance.core import formats
 from appliance.core.jobs import Job, JobQueue
@@ -78,18 +75,7 @@ def payload(job: Job) -> bytes:
     """The JSON body POSTed for a finished job."""
     result: dict[str, Any] | None = None
     if job.result is not None and job.state.value == "done":
-        data = formats.verbose(job.result, task=job.options.task, words=job.options.word_timestamps)
-        result = {
-            "id": job.history_id,
-            "job_id": job.id,
-            "text": data["text"],
-            "language": data["language"],
-            "duration": data["duration"],
-            "model": job.model,
-            "segments": data["segments"],
-            "words": data.get("words"),
-            "timings": job.timings,
-        }
+        result = formats.job_result(job)
     body = {
         "event": EVENT,
         "job_id": job.id,
@@ -273,26 +259,12 @@ class Dispatcher:
 
 
 def dispatcher(services: Services) -> Dispatcher | None:
-    result = services.extras.get("webhooks")
-    return result if isinstance(result, Dispatcher) else None
-
-
-def init_app(app: Quart) -> None:
-    """Start the dispatcher once every service is up; stop it before the database closes."""
-
-    @app.while_serving
-    async def _lifespan() -> AsyncGenerator[None, None]:
-        s: Services = app.extensions["appliance"]
-        d = Dispatcher(s)
-        s.extras["webhooks"] = d
-        await d.start()
-        yield
-        await d.stop()
+    """The running dispatcher (built and stopped by `appliance.web.app.build_services`)."""
+    return services.webhooks
 
 
 async def callback_for(value: str | None, services: Services) -> str | None:
     """The callback URL of a new job: the form field (checked now), else the admin default."""
     if value is not None and value.strip():
         return await check_callback(value, outbound.Policy.from_settings(services.settings))
-    default = services.extras.get("default_callback_url")
-    return default if isinstance(default, str) and default else None
+    return services.runtime.default_callback_url
