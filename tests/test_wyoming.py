@@ -40,8 +40,8 @@ async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Quart
     app = create_app(make_settings(tmp_path / "data", **options))
     async with app.test_app():
         services = app.extensions["appliance"]
-        await services.extras["warm_up"]
-        server = services.extras["wyoming"]
+        await services.warmed_up()
+        server = services.wyoming
         assert server is not None and server.port
         yield app, server
 
@@ -185,6 +185,15 @@ async def test_transcribe_real_time_and_at_once_land_in_history(
     leftovers = list((server.settings.tmp_dir).glob("wyoming-*"))
     assert leftovers == []
     await assert_healthy(server)
+    # both requests, and assert_healthy's describe, are counted for /metrics
+    registry = app.extensions["appliance"].models.metrics.registry
+    counted = {
+        kind: registry.get_sample_value(
+            "whisper_wyoming_requests_total", {"kind": kind, "outcome": "ok"}
+        )
+        for kind in ("transcribe", "describe")
+    }
+    assert counted == {"transcribe": 2.0, "describe": 1.0}
 
 
 async def test_refuses_clients_outside_the_allowed_networks(tmp_path: Path) -> None:
@@ -286,6 +295,11 @@ async def test_audio_over_the_duration_limit_closes(tmp_path: Path, jfk_wav: Pat
         assert [e["type"] for e in events] == ["error"]
         assert events[0]["data"]["code"] == "audio_too_long"
         await assert_healthy(server)
+        registry = server.services.models.metrics.registry
+        labels = {"kind": "transcribe", "outcome": "audio_too_long"}
+        assert registry.get_sample_value("whisper_wyoming_requests_total", labels) == 1.0
+        errors = {"component": "wyoming", "code": "audio_too_long"}
+        assert registry.get_sample_value("whisper_errors_total", errors) == 1.0
 
 
 async def test_too_many_connections_are_refused(tmp_path: Path) -> None:
@@ -362,7 +376,7 @@ async def test_off_by_default_and_a_busy_port_does_not_stop_the_appliance(
 ) -> None:
     import socket
 
-    assert "wyoming" not in app.extensions["appliance"].extras  # WYOMING_ENABLED=false
+    assert app.extensions["appliance"].wyoming is None  # WYOMING_ENABLED=false
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -371,7 +385,7 @@ async def test_off_by_default_and_a_busy_port_does_not_stop_the_appliance(
         busy = create_app(make_settings(tmp_path / "busy", **options))
         async with busy.test_app():
             services = busy.extensions["appliance"]
-            assert services.extras["wyoming"] is None
+            assert services.wyoming is None
             response = await busy.test_client().get("/health")
             assert response.status_code in (200, 503)  # serving; readiness is the model's
 

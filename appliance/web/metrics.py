@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from quart import Blueprint, Quart, Response, current_app, g, request
@@ -31,8 +31,14 @@ def metrics_of(services: Services) -> Metrics:
     return services.models.metrics
 
 
+def bind(services: Services, live: Any = None) -> None:
+    """Point the gauges at the running job queue, models and live sessions (at start-up)."""
+    metrics_of(services).bind(jobs=services.jobs, models=services.models, live=live)
+
+
 def wyoming_request(services: Services, kind: str = "transcribe", outcome: str = "ok") -> None:
-    """Count one Wyoming request: `kind` describe/transcribe, `outcome` ok or an error code
+    """Count one Wyoming request: `kind` describe/transcribe (or connection: a protocol error
+    outside a request), `outcome` ok or an error code
     (an outcome other than ok also counts in `whisper_errors_total{component="wyoming"}`)."""
     metrics = metrics_of(services)
     metrics.wyoming_requests.labels(label(kind), label(outcome)).inc()
@@ -69,7 +75,7 @@ async def _refused(s: Services) -> Response | None:
                 "/metrics is open only to the monitoring hosts (METRICS_ALLOWED_NETWORKS)",
             )
     token = settings.metrics_token
-    if not token and not s.extras.get("require_api_key"):
+    if not token and not s.runtime.require_api_key:
         return None
     given = _bearer()
     if given and token and hmac.compare_digest(given.encode(), token.encode()):
@@ -103,11 +109,6 @@ async def metrics() -> Response:
 def init_app(app: Quart) -> None:
     """The /metrics route, and the request timing hooks (register first: see below)."""
     app.register_blueprint(blueprint)
-
-    @app.before_serving
-    async def _bind() -> None:
-        s: Services = app.extensions["appliance"]
-        metrics_of(s).bind(jobs=s.jobs, models=s.models, live=app.extensions.get("live"))
 
     # registered before the security guard's hook, so a refused request is timed too
     @app.before_request

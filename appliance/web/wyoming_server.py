@@ -51,6 +51,7 @@ from appliance.core.live.decoder import Decoder
 from appliance.core.live.session import BacklogError, LiveConfig, LiveSession, LiveTranscriber
 from appliance.core.model_manager import CATALOGUE, ModelError
 from appliance.web.api.options import LANGUAGES
+from appliance.web.metrics import wyoming_request
 from appliance.web.services import Services
 
 with warnings.catch_warnings():  # wyoming.audio imports audioop (deprecated in 3.11, works)
@@ -345,8 +346,7 @@ class WyomingServer:
 
     # --- describe ------------------------------------------------------------------------------
     def default_model(self) -> str:
-        name = self.services.extras.get("default_model") or self.settings.whisper_model
-        return str(name)
+        return self.services.default_model
 
     def installed_models(self) -> list[str]:
         rows = self.services.models.status()
@@ -456,9 +456,13 @@ class Connection:
                     await self._handle(event)
                 except RequestFailedError as exc:
                     log.warning("Wyoming request failed: %s", exc.message)
+                    wyoming_request(self.services, "transcribe", exc.code)
                     await self.send(Error(exc.message, exc.code))
         except ProtocolError as exc:
             log.warning("Wyoming: closing a connection: %s", exc.message)
+            # inside a request it is that request's outcome; else the connection's
+            kind = "transcribe" if self.request is not None else "connection"
+            wyoming_request(self.services, kind, exc.code)
             with contextlib.suppress(Exception):
                 await self.send(Error(exc.message, exc.code))
         except (ConnectionError, TimeoutError, OSError):
@@ -490,6 +494,7 @@ class Connection:
 
     async def _handle(self, event: Event) -> None:
         if Describe.is_type(event.type):
+            wyoming_request(self.services, "describe")
             await self.send(self.server.info())
         elif Ping.is_type(event.type):
             await self.send(Pong(text=str(event.data.get("text") or "")))
@@ -514,9 +519,9 @@ class Connection:
         installed = self.server.installed_models()
         model = wanted if wanted in installed else self.server.default_model()
         spec = CATALOGUE.get(model)
-        language = (self.transcribe.language if self.transcribe else None) or (
-            self.services.extras.get("default_language")
-        )
+        language = (
+            self.transcribe.language if self.transcribe else None
+        ) or self.services.default_language
         language = (language or "").strip().lower().split("-")[0].split("_")[0] or None
         if spec is not None and not spec.multilingual:
             language = "en"
@@ -625,6 +630,7 @@ class Connection:
         finally:
             await self._drop_request()
             self.active_at = time.monotonic()  # the decode was not the client's idle time
+        wyoming_request(self.services, "transcribe")
         log.info(
             "Wyoming: %.1f s of audio -> %d characters, %.3f s after audio-stop (%s)",
             request.seconds,
