@@ -6,8 +6,6 @@ GPU, LXC or Proxmox is involved (README.md, "GPU": untested on real hardware).""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,22 +13,16 @@ import jinja2
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or str(ROOT / ".venv/bin/ansible-playbook")
+from tests.ansible.fake_proxmox import (
+    FAKE_PCT,
+    ROOT,
+    ansible_env,
+    calls,
+    install_commands,
+    play,
+    write_play,
+)
 
-FAKE_PCT = """#!/bin/sh
-echo "pct $*" >> "$FAKE_LOG"
-case "$1" in
-  config) [ -f "$FAKE_CONFIG" ] && exec cat "$FAKE_CONFIG"
-          echo "Configuration file 'nodes/pve/lxc/$2.conf' does not exist" >&2; exit 2 ;;
-  status) echo "status: ${FAKE_STATUS:-running}" ;;
-  exec) case "$*" in
-          *nvidia-smi*) echo "GPU 0: NVIDIA RTX A2000 (UUID: GPU-0000)" ;;
-          *ldconfig*) ;;
-          *) echo "2: eth0    inet 10.0.0.7/24 brd 10.0.0.255 scope global eth0" ;;
-        esac ;;
-esac
-"""
 FAKE_PVEAM = """#!/bin/sh
 case "$1" in
   list) echo "NAME SIZE"; echo "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst 1" ;;
@@ -76,15 +68,10 @@ def _run(
     runs: int = 1,
 ) -> tuple[subprocess.CompletedProcess[str], str, str]:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (
-        ("pct", FAKE_PCT),
-        ("pveam", FAKE_PVEAM),
-        ("ldconfig", FAKE_LDCONFIG),
-        ("nvidia-smi", FAKE_SMI),
-    ):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    install_commands(
+        bin_dir,
+        {"pct": FAKE_PCT, "pveam": FAKE_PVEAM, "ldconfig": FAKE_LDCONFIG, "nvidia-smi": FAKE_SMI},
+    )
     dev = tmp_path / "dev"
     (dev / "nvidia-caps").mkdir(parents=True)
     for node in (*nodes, "nvidia-modeset", "nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap2"):
@@ -97,79 +84,25 @@ def _run(
     conf.write_text("hostname: whisper\nmemory: 4096\n\n[before-gpu]\nhostname: whisper\n")
     if existing is not None:
         (tmp_path / "config").write_text(existing)
-    key = tmp_path / "id.pub"
-    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST test\n")
-    play = {
-        "hosts": "pve",
-        "gather_facts": False,
-        "vars": {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
-            "proxmox_lxc_vmid": 120,
-            "proxmox_lxc_hostname": "whisper",
-            "proxmox_lxc_ip": "10.0.0.7/24",
-            "proxmox_lxc_gateway": "10.0.0.1",
-            "proxmox_lxc_ssh_public_key_file": str(key),
-            "proxmox_lxc_network_timeout": 1,
-            "proxmox_lxc_gpu": "nvidia",
-            "proxmox_lxc_gpu_binaries": [
-                str(bin_dir / "nvidia-smi"),
-                "/nonexistent/nvidia-debugdump",
-            ],
-            **variables,
-        },
-        "roles": ["proxmox_lxc"],
-        "post_tasks": [
-            {
-                "name": "Show the driver version",
-                "ansible.builtin.debug": {"msg": "driver {{ proxmox_lxc_gpu_driver_version }}"},
-            }
-        ],
+    gpu = {
+        "proxmox_lxc_gpu": "nvidia",
+        "proxmox_lxc_gpu_binaries": [str(bin_dir / "nvidia-smi"), "/nonexistent/nvidia-debugdump"],
     }
-    (tmp_path / "play.yml").write_text(yaml.safe_dump([play]))
+    show_driver = {
+        "name": "Show the driver version",
+        "ansible.builtin.debug": {"msg": "driver {{ proxmox_lxc_gpu_driver_version }}"},
+    }
+    write_play(tmp_path, {**gpu, **variables}, [show_driver])
     internal = {  # the role's host paths (vars/main.yml), pointed at the fake host
         "__proxmox_lxc_conf_dir": str(conf_dir),
         "__proxmox_lxc_dev_dir": str(dev),
         "__proxmox_lxc_proc_devices": str(tmp_path / "devices"),
     }
     (tmp_path / "internal.yml").write_text(yaml.safe_dump(internal))
-    log = tmp_path / "calls.log"
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FAKE_LOG": str(log),
-        "FAKE_CONFIG": str(tmp_path / "config"),
-        "FAKE_STATUS": status,
-        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
-        "ANSIBLE_HOME": str(tmp_path / "home"),
-    }
+    env = ansible_env(tmp_path, bin_dir, FAKE_STATUS=status)
     for _ in range(runs):
-        result = _play(tmp_path, env)
-    return result, log.read_text() if log.exists() else "", conf.read_text()
-
-
-def _play(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            ANSIBLE_PLAYBOOK,
-            "-i",
-            "pve,",
-            str(tmp_path / "play.yml"),
-            "-e",
-            f"@{tmp_path / 'internal.yml'}",
-            "--skip-tags",
-            "ssh-wait",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=180,
-        check=False,
-    )
+        result = play(tmp_path, env, "-e", f"@{tmp_path / 'internal.yml'}")
+    return result, calls(tmp_path), conf.read_text()
 
 
 def test_lxc_method_writes_cgroup_rules_and_binds(tmp_path: Path) -> None:
