@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +88,37 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
             [normalise(r) for r in references], [normalise(h) or "<empty>" for h in hypotheses]
         )
     )
+
+
+def start_service(
+    data_dir: Path, log: Path, port: int, settings: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """`python -m appliance serve` on plain HTTP at 127.0.0.1:`port`, its output into `log`:
+    the service as users run it, for the sections that measure through HTTP."""
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "HTTPS_ENABLED": "false",
+        "BIND_ADDRESS": "127.0.0.1",
+        "HTTPS_PORT": str(port),
+        **settings,
+    }
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def write_section(section: str, text: str, out: Path) -> None:
+    """Replace the results file's `section` (a `## ...` heading line) with `text`, or append it."""
+    current = out.read_text(encoding="utf-8") if out.is_file() else "# Benchmark results\n"
+    start = current.find(f"\n{section}\n")
+    if start >= 0:
+        end = current.find("\n## ", start + 1)
+        tail = current[end:] if end >= 0 else ""
+        current = current[:start].rstrip("\n") + "\n" + tail
+    out.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")

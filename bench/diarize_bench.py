@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import common
 from bench.common import CLIPS, ROOT, model_dir
 
 SECTION = "## Diarization"
@@ -209,13 +210,7 @@ def _pct(value: float | None) -> str:
 
 def write_section(text: str, out: Path) -> None:
     """Replace this section of the results file (or append it)."""
-    current = out.read_text(encoding="utf-8") if out.is_file() else "# Benchmark results\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start >= 0:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end >= 0 else ""
-        current = current[:start].rstrip("\n") + "\n" + tail
-    out.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    common.write_section(SECTION, text, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ the best round counts.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import ROOT, normalise, wer
 from bench.engines import FASTER_INT8, summarise
 
@@ -114,12 +114,7 @@ class ServiceSection:
         data_dir = Path(self.tmp.name) / "data"
         data_dir.mkdir()
         port = free_port()
-        env = {
-            **os.environ,
-            "DATA_DIR": str(data_dir),
-            "HTTPS_ENABLED": "false",
-            "BIND_ADDRESS": "127.0.0.1",
-            "HTTPS_PORT": str(port),
+        settings = {
             "WHISPER_MODEL": MODEL,
             "ENGINE": "faster-whisper",
             "COMPUTE_TYPE": "int8",
@@ -128,14 +123,7 @@ class ServiceSection:
             "MODEL_CACHE_SIZE": "1",
         }
         self.log = Path(self.tmp.name) / "server.log"
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "serve"],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = common.start_service(data_dir, self.log, port, settings)
         self.url = f"http://127.0.0.1:{port}"
         self.bare = subprocess.Popen(
             [

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import ROOT, Clip, clips
 
 RESULTS = ROOT / "bench" / "results.md"
@@ -103,25 +104,13 @@ class Server:
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-soak-")
         self.data_dir = Path(self.tmp.name) / "data"
         port = free_port()
-        env = {
-            **os.environ,
-            "DATA_DIR": str(self.data_dir),
-            "HTTPS_ENABLED": "false",
-            "BIND_ADDRESS": "127.0.0.1",
-            "HTTPS_PORT": str(port),
+        settings = {
             "WHISPER_MODEL": "tiny.en",
             "API_RATE_LIMIT": "100000/minute",
             "LOGIN_RATE_LIMIT": "100000/minute",
         }
         self.log = Path(self.tmp.name) / "server.log"
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "serve"],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = common.start_service(self.data_dir, self.log, port, settings)
         self.url = f"http://127.0.0.1:{port}"
 
     def wait_healthy(self, timeout: float = 180) -> None:
@@ -461,13 +450,7 @@ def current_section(out: Path) -> str | None:
 
 def write_section(text: str, out: Path) -> None:
     """Replace the Soak section of the results file (or append it)."""
-    current = out.read_text(encoding="utf-8") if out.is_file() else "# Benchmark results\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start >= 0:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end >= 0 else ""
-        current = current[:start].rstrip("\n") + "\n" + tail
-    out.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    common.write_section(SECTION, text, out)
 
 
 def main(argv: list[str] | None = None) -> int:
