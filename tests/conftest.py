@@ -87,7 +87,7 @@ async def app(settings: Settings) -> AsyncIterator[Quart]:
     application = create_app(settings)
     async with application.test_app():
         services = application.extensions["appliance"]
-        await services.extras["warm_up"]
+        await services.warmed_up()
         yield application
 
 

@@ -82,8 +82,8 @@ async def test_switch_the_default_model(app: Quart, admin: Admin) -> None:
     assert settings["values"]["default_model"] == "base"
     assert settings["overridden"] == ["default_model"]
     services = app.extensions["appliance"]
-    assert services.extras["default_model"] == "base"
-    await services.extras["settings_warm_up"]
+    assert services.runtime.default_model == "base"
+    await services.warmed_up()
     assert "base" in services.models.loaded
     public = await (await app.test_client().get("/api/status")).get_json()
     assert public["default_model"] == "base"
@@ -117,13 +117,13 @@ async def test_runtime_settings_persist_and_apply(tmp_path: Path) -> None:
     app = create_app(settings)  # a restart reads them back from the database
     async with app.test_app():
         services = app.extensions["appliance"]
-        extras = services.extras
-        assert extras["default_language"] == "de"
-        assert extras["max_upload_size"] == 2_000_000
+        runtime = services.runtime
+        assert runtime.default_language == "de"
+        assert runtime.max_upload_size == 2_000_000
         assert services.history.retention_days == 30
         assert services.history.max_rows == 1000
-        assert extras["live_max_sessions"] == 2 and extras["live_max_minutes"] == 15
-        assert extras["allowed_origins"] == ("http://b.example:8080", "https://a.example")
+        assert runtime.live_max_sessions == 2 and runtime.live_max_minutes == 15
+        assert runtime.allowed_origins == ("http://b.example:8080", "https://a.example")
         # the runtime upload limit applies to /transcribe
         big = FileStorage(io.BytesIO(b"\0" * 2_100_000), filename="a.wav")
         response = await app.test_client().post("/transcribe", files={"file": big})
@@ -177,8 +177,7 @@ async def test_download_import_load_and_delete_models(hub_app: Quart) -> None:
 
     code, _ = await admin.call("POST", "/admin/api/models/base/load")
     assert code == 202
-    services = hub_app.extensions["appliance"]
-    await asyncio.gather(*services.extras["admin_tasks"])
+    await asyncio.gather(*hub_app.background_tasks)  # the admin API's downloads and loads
     assert (await _model(admin, "base"))["state"] == "loaded"
 
     for name in ("tiny", "my-model"):

@@ -7,7 +7,6 @@ tests/test_admin_updates_e2e.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -52,7 +51,7 @@ async def admin(app: Quart, settings: Settings, root: Path) -> Admin:
 
 def set_update_source(app: Quart, source: str) -> None:
     services = app.extensions["appliance"]
-    services.settings = dataclasses.replace(services.settings, update_source=source)
+    services.settings = services.settings.model_copy(update={"update_source": source})
 
 
 def spool_of(settings: Settings) -> Path:

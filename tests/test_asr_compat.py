@@ -291,13 +291,13 @@ def test_bad_bodies_are_4xx_json(server: Server, jfk_wav: Path) -> None:
 async def keyed_app(tmp_path: Path) -> AsyncIterator[Quart]:
     application = create_app(make_settings(tmp_path / "data", require_api_key=True))
     async with application.test_app():
-        await application.extensions["appliance"].extras["warm_up"]
+        await application.extensions["appliance"].warmed_up()
         yield application
 
 
 async def test_api_keys_and_upload_limit(keyed_app: Quart, jfk_wav: Path) -> None:
     services = keyed_app.extensions["appliance"]
-    _row, key = await services.extras["auth"].create_key("bazarr")
+    _row, key = await services.auth.create_key("bazarr")
     client = keyed_app.test_client()
 
     def files(data: bytes) -> dict[str, FileStorage]:
@@ -324,7 +324,7 @@ async def test_api_keys_and_upload_limit(keyed_app: Quart, jfk_wav: Path) -> Non
     assert ok.status_code == 200, await ok.get_data(as_text=True)
     assert "ask not what your country" in normalise(await ok.get_data(as_text=True))
     # the upload limit (runtime setting) holds here too
-    services.extras["max_upload_size"] = 1000
+    services.runtime.max_upload_size = 1000
     big = await client.post(
         "/asr",
         query_string={"encode": "false"},

@@ -160,7 +160,7 @@ _MEASURE = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from appliance import audio
+    from appliance.core import audio
 
     def peak_mb():
         for line in open("/proc/self/status"):

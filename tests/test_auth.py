@@ -20,7 +20,7 @@ from tests.conftest import make_settings as make_settings
 if TYPE_CHECKING:
     from quart.typing import TestClientProtocol
 
-OPEN = {"admin.login_page", "admin.login"}
+OPEN = {"admin.pages.login_page", "admin.api.login"}
 
 
 def admin_password(settings: Settings) -> str:
@@ -74,7 +74,7 @@ async def test_first_start_writes_the_password_once(app: Quart, settings: Settin
     assert row[0].startswith("scrypt$") and password not in row[0]
     # a restart keeps the password (and does not rewrite the file)
     before = password_file.stat().st_mtime_ns
-    await services.extras["auth"].ensure_admin()
+    await services.auth.ensure_admin()
     assert password_file.stat().st_mtime_ns == before
 
 

@@ -28,7 +28,7 @@ TIMEOUT = 1  # MODEL_IDLE_TIMEOUT of these tests, seconds
 async def idle_app(tmp_path: Path) -> AsyncIterator[Quart]:
     app = create_app(make_settings(tmp_path / "data", model_idle_timeout=TIMEOUT))
     async with app.test_app():
-        await app.extensions["appliance"].extras["warm_up"]
+        await app.extensions["appliance"].warmed_up()
         yield app
 
 
@@ -128,7 +128,7 @@ async def test_zero_never_unloads(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path / "data", model_idle_timeout=0))
     async with app.test_app():
         s = services(app)
-        await s.extras["warm_up"]
+        await s.warmed_up()
         await asyncio.sleep(1.5)
         assert "tiny.en" in s.models.loaded
         assert s.models._idle_timers == {}

@@ -44,7 +44,7 @@ def _settings(tmp_path: Path, **overrides: object) -> Settings:
 async def _running(settings: Settings) -> AsyncIterator[Quart]:
     application = create_app(settings)
     async with application.test_app():
-        await application.extensions["appliance"].extras["warm_up"]
+        await application.extensions["appliance"].warmed_up()
         yield application
 
 
@@ -143,7 +143,7 @@ async def test_links_as_folders_never_followed(tmp_path: Path, watch: Path) -> N
     (watch / "notes.pdf").write_bytes(b"not audio\n")
     settings = _settings(tmp_path, max_upload_size=5)
     async with _running(settings) as app:
-        box = app.extensions["appliance"].extras["inbox"]
+        box = app.extensions["appliance"].inbox
         await _until(lambda: bool(box._problem))
         assert "must be a folder" in box._problem
         await asyncio.sleep(SETTLE * 2)
@@ -183,7 +183,7 @@ async def test_restart_resumes_and_does_not_redo(
 async def test_off_by_default_and_vanishing_files(tmp_path: Path, watch: Path) -> None:
     assert Settings.from_env({}).watch_dir is None
     async with _running(make_settings(tmp_path / "data")) as app:
-        assert "inbox" not in app.extensions["appliance"].extras
+        assert app.extensions["appliance"].inbox is None
     async with _running(_settings(tmp_path)) as _app:
         part = watch / "copying.wav"
         part.write_bytes(b"RIFF" + b"\0" * 1000)

@@ -319,12 +319,12 @@ def test_reader_accepts_what_json_accepts() -> None:
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # the endpoints that read a JSON body today; the test fails if one stops refusing bad JSON
 JSON_ENDPOINTS = {
-    "admin.login",
-    "admin.change_password",
-    "admin.put_settings",
-    "admin.create_key",
-    "admin.apply_update",
-    "admin.rollback_update",
+    "admin.api.login",
+    "admin.api.change_password",
+    "admin.api.put_settings",
+    "admin.api.create_key",
+    "admin.update_api.apply_update",
+    "admin.update_api.rollback_update",
 }
 HOSTILE_JSON: dict[str, bytes] = {
     "arrays_100k": b"[" * 100_000 + b"]" * 100_000,
@@ -351,7 +351,7 @@ def body_routes(app: Quart) -> list[tuple[str, str, str]]:
                 path = path.replace(f"<{arg}>", "no-such-thing")
                 path = path.replace(f"<path:{arg}>", "no-such-thing")
             routes.append((method, path, str(rule.endpoint)))
-    return sorted(routes, key=lambda r: r[2] == "admin.logout")
+    return sorted(routes, key=lambda r: r[2] == "admin.api.logout")
 
 
 async def test_every_body_endpoint_refuses_hostile_json(app: Quart, settings: Settings) -> None:
@@ -370,7 +370,7 @@ async def test_every_body_endpoint_refuses_hostile_json(app: Quart, settings: Se
                 assert answer["error"]["code"] and answer["error"]["message"], answer
                 if answer["error"]["code"] in {"invalid_json", "body_too_large"}:
                     refused.setdefault(endpoint, set()).add(name)
-    for endpoint in JSON_ENDPOINTS - {"admin.login"}:  # login: the next test, with its token
+    for endpoint in JSON_ENDPOINTS - {"admin.api.login"}:  # login: the next test, with its token
         assert refused.get(endpoint) == set(HOSTILE_JSON), (endpoint, refused.get(endpoint))
 
 
@@ -378,7 +378,7 @@ async def test_login_refuses_hostile_json_before_login(app: Quart) -> None:
     """Reachable with only the login page's cookie."""
     client = app.test_client()
     token = await login_token(client)
-    limiter = app.extensions["appliance"].extras["login_limiter"]
+    limiter = app.extensions["appliance"].limiters.login
     for name, body in HOSTILE_JSON.items():
         limiter.reset("login:<local>")  # the throttle (5 a minute) comes before the body
         response = await client.post(

@@ -139,7 +139,7 @@ async def test_wall_clock_limit_ends_a_silent_client(tmp_path: Path, started: bo
     settings = make_settings(tmp_path / "data", live_idle_timeout=60, live_max_minutes=0.05)
     app = create_app(settings)
     async with app.test_app():
-        await app.extensions["appliance"].extras["warm_up"]
+        await app.extensions["appliance"].warmed_up()
         async with app.test_client().websocket("/ws/live") as ws:
             connected = time.monotonic()
             if started:

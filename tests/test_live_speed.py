@@ -104,6 +104,60 @@ def test_long_turn_gets_sentence_finals_before_it_ends(model: LoadedModel, clips
     assert core.timings()["sentence_finals"] == len(before_end)
 
 
+def test_sentence_commits_lose_and_repeat_no_word_at_the_cut(
+    model: LoadedModel, clips: Path
+) -> None:
+    """Each sentence final is decoded (beam search, word timings) from the audio up to the
+    cut, and the rest from the cut on: aligned against the reference, no word next to a cut is
+    missing or there twice. The agreement wait is no backlog: committing does not raise lag."""
+    pcm, reference = conversation(clips)
+    config = LiveConfig(silence_seconds=2.0, max_utterance_seconds=28.0)
+    core = LiveTranscriber(Decoder(model, language="en", task="transcribe"), config)
+    messages: list[dict[str, Any]] = []
+    lags: list[float] = []
+    for i in range(0, len(pcm), 3200):
+        messages += core.feed(pcm_to_float(pcm[i : i + 3200]))
+        while core.has_work():
+            queued = len(core.closed)
+            messages += core.step()
+            if len(core.closed) > queued:  # a sentence was just committed: its final is due
+                lags.append(core.lag_seconds())
+    core.close()
+    while core.has_work():
+        messages += core.step()
+    assert lags and max(lags) == 0.0
+    finals = [m for m in messages if m["type"] == "final"]
+    assert any(f["reason"] == "sentence" for f in finals)
+    for final in finals:  # finals carry word timings, inside their own audio
+        assert final["words"], final
+        assert final["start"] - 0.01 <= final["words"][0]["start"]
+        assert final["words"][-1]["end"] <= final["end"] + 0.01
+    texts = [normalize(f["text"]).split() for f in finals]
+    cuts, hypothesis = [], []
+    for words in texts[:-1]:
+        hypothesis += words
+        cuts.append(len(hypothesis))  # hypothesis index of the first word after the cut
+    hypothesis += texts[-1]
+    out = jiwer.process_words(normalize(reference), " ".join(hypothesis))
+    bad_hyp, bad_ref = set(), set()  # hypothesis words inserted; ref positions deleted at
+    for chunk in out.alignments[0]:
+        if chunk.type == "insert":
+            bad_hyp.update(range(chunk.hyp_start_idx, chunk.hyp_end_idx))
+        elif chunk.type == "delete":
+            bad_ref.update(range(chunk.ref_start_idx, chunk.ref_end_idx))
+    ref_at = {}  # hypothesis index -> reference index, for the matched words
+    for chunk in out.alignments[0]:
+        if chunk.type in ("equal", "substitute"):
+            for k in range(chunk.hyp_end_idx - chunk.hyp_start_idx):
+                ref_at[chunk.hyp_start_idx + k] = chunk.ref_start_idx + k
+    for cut in cuts:
+        assert not bad_hyp & {cut - 1, cut}, (cut, hypothesis[cut - 2 : cut + 2])
+        if cut - 1 in ref_at and cut in ref_at:
+            # the words either side of the cut follow each other in the reference
+            assert ref_at[cut] == ref_at[cut - 1] + 1, (cut, hypothesis[cut - 2 : cut + 2])
+    assert wer(reference, " ".join(hypothesis)) <= 0.15  # hyphens and "Mr." count here
+
+
 def test_sentence_commits_can_be_turned_off(model: LoadedModel, clips: Path) -> None:
     pcm, _ = conversation(clips)
     config = LiveConfig(silence_seconds=2.0, max_utterance_seconds=28.0, sentence_commits=False)

@@ -5,7 +5,6 @@ dashboard only queries metrics that exist, and access follows API keys / METRICS
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import json
 import re
@@ -167,7 +166,7 @@ async def test_access_token_api_keys_and_networks(tmp_path: Path) -> None:
     app = create_app(settings)
     async with app.test_app():
         s: Services = app.extensions["appliance"]
-        await s.extras["warm_up"]
+        await s.warmed_up()
         client = app.test_client()
 
         async def status(token: str | None = None) -> int:
@@ -181,19 +180,20 @@ async def test_access_token_api_keys_and_networks(tmp_path: Path) -> None:
 
         # not a monitoring host: refused whatever it sends
         assert await status("prom-3f9c2a7d41") == 403
-        s.settings = dataclasses.replace(
-            settings, metrics_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),)
-        )
+        networks = (ipaddress.ip_network("127.0.0.0/8"),)
+        s.settings = settings.model_copy(update={"metrics_allowed_networks": networks})
         assert await status() == 401
         assert await status("wrong-token") == 401
         assert await status("prom-3f9c2a7d41") == 200
-        _, key = await s.extras["auth"].create_key("prometheus")
+        _, key = await s.auth.create_key("prometheus")
         assert await status(key) == 200
 
         # no token: open like the API, until API keys are required
-        s.settings = dataclasses.replace(settings, metrics_token="", metrics_allowed_networks=())
+        s.settings = settings.model_copy(
+            update={"metrics_token": "", "metrics_allowed_networks": ()}
+        )
         assert await status() == 200
-        s.extras["require_api_key"] = True
+        s.runtime.require_api_key = True
         assert await status() == 401
         assert await status("prom-3f9c2a7d41") == 401
         assert await status(key) == 200

@@ -318,7 +318,7 @@ async def test_wrong_origin_is_an_error_event_and_1008(server: Server) -> None:
 
 
 async def test_missing_api_key_is_an_error_event(app: Quart) -> None:
-    app.extensions["appliance"].extras["require_api_key"] = True
+    app.extensions["appliance"].runtime.require_api_key = True
     client = app.test_client()
     async with client.websocket("/v1/realtime") as ws:
         error = assert_error_shape(json.loads(await ws.receive()))

@@ -238,7 +238,7 @@ async def limited_app(tmp_path: Path) -> AsyncIterator[Quart]:
     settings = make_settings(tmp_path / "data", live_max_sessions=1, live_idle_timeout=1)
     app = create_app(settings)
     async with app.test_app():
-        await app.extensions["appliance"].extras["warm_up"]
+        await app.extensions["appliance"].warmed_up()
         yield app
 
 

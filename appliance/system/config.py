@@ -1,7 +1,10 @@
 """Typed settings read from environment variables and validated once, at start.
 
-Every variable of the seed design is honoured; a bad value stops the start with an error that
-names the variable, the value and what was expected.
+`Settings` is a pydantic-settings model. Each field names its variable (no prefix, case as
+written), the rule that parses the variable's text and a one-line description (the README
+table and the docs reference are checked against `Settings.documentation()`). A bad value stops
+the start with one `ConfigError` that names the variable, the value and what was expected. The
+admin panel re-validates some of the same values with the same rules (`Settings.rule(field)`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+from pydantic import model_validator
+from pydantic_settings import SettingsConfigDict
 
 from appliance.core.engines.device import DEVICES
 from appliance.core.ratelimit import Rate, parse_rate
 from appliance.exceptions import ConfigError as ConfigError
+from appliance.system.update.settings import EnvSettings, shown
+from appliance.system.update.settings import env_field as _env
 
 _SIZE_UNITS = {
     "": 1,
@@ -36,6 +44,13 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ORIGIN = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+MAX_ORIGINS = 32
 ENGINES = ("faster-whisper", "openai-whisper")
 COMPUTE_TYPES = ("int8", "int8_float32", "int16", "float32", "float16", "int8_float16", "auto")
 
@@ -44,62 +59,73 @@ def parse_size(text: str) -> int:
     """Parse `100MB`, `1GiB`, `512k` or a plain byte count into bytes."""
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError(f"expected a size such as 100MB, 1GiB or 1048576, got {text!r}")
+        raise ValueError(f"expected a size such as 100MB, 1GiB or 1048576, got {shown(text)}")
     number, unit = match.groups()
     factor = _SIZE_UNITS.get(unit.upper())
     if factor is None:
-        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+        raise ValueError(f"unknown size unit {shown(unit)} (use B, KB, MB, GB, KiB, MiB, GiB)")
     return int(float(number) * factor)
 
 
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+def parse_bool(value: object) -> bool:
+    """`true/false`, `1/0`, `yes/no`, `on/off` (any case) or empty (false); a JSON boolean."""
+    if isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"expected true or false, got {shown(value)}")
+
+
+def int_range(low: int, high: int) -> Callable[[object], int]:
+    """A whole number from `low` to `high`, as text or a (JSON) number."""
+
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected a whole number from {low} to {high}, got {shown(value)}")
+        try:
+            number = int(value.strip()) if isinstance(value, str) else value
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {shown(value)}") from None
+        if not low <= number <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {number}")
+        return number
 
     return parse
 
 
-def _minutes(high: int) -> Callable[[str], float]:
+def _number(value: object, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected {expected}, got {shown(value)}")
+    try:
+        return float(value.strip()) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {shown(value)}") from None
+
+
+def minutes(high: int) -> Callable[[object], float]:
     """Minutes from 0 to `high`; fractions allowed (0.5 = 30 s), whole values stay ints."""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"expected minutes such as 60 or 0.5, got {text!r}") from None
-        if not 0 <= value <= high:  # also refuses nan and inf
-            raise ValueError(f"expected minutes from 0 to {high}, got {text.strip()!r}")
-        return int(value) if value.is_integer() else value
+    def parse(value: object) -> float:
+        number = _number(value, "minutes such as 60 or 0.5")
+        if not 0 <= number <= high:  # also refuses nan and inf
+            raise ValueError(f"expected minutes from 0 to {high}, got {shown(value)}")
+        return int(number) if number.is_integer() else number
 
     return parse
 
 
-def _seconds(low: float, high: float) -> Callable[[str], float]:
+def seconds(low: float, high: float) -> Callable[[object], float]:
     """Seconds from `low` to `high`; fractions allowed (0.5)."""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"expected seconds such as 10 or 0.5, got {text!r}") from None
-        if not low <= value <= high:  # also refuses nan and inf
-            raise ValueError(f"expected seconds from {low:g} to {high:g}, got {text.strip()!r}")
-        return int(value) if value.is_integer() else value
+    def parse(value: object) -> float:
+        number = _number(value, "seconds such as 10 or 0.5")
+        if not low <= number <= high:  # also refuses nan and inf
+            raise ValueError(f"expected seconds from {low:g} to {high:g}, got {shown(value)}")
+        return int(number) if number.is_integer() else number
 
     return parse
 
@@ -108,10 +134,45 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
         if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+            raise ValueError(f"expected one of {', '.join(options)}, got {shown(text)}")
         return value
 
     return parse
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("expected a directory such as /var/lib/whisper-appliance, got ''")
+    return Path(text.strip()).expanduser()
+
+
+def _host(text: str) -> str:
+    """An IP address or a host name to listen on; empty = every address."""
+    value = text.strip()
+    try:
+        if value:
+            ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        if _HOSTNAME.match(value):
+            return value
+    raise ValueError(
+        f"expected an IP address such as 0.0.0.0 or ::, or a host name, got {shown(text)}"
+    )
+
+
+def _http_url(text: str) -> str:
+    value = text.strip()
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in value
+    except ValueError:  # such as an unclosed [IPv6 literal
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"expected an http(s) URL such as https://huggingface.co, got {shown(text)}"
+        )
+    return value
 
 
 def _optional_path(text: str) -> Path | None:
@@ -133,7 +194,7 @@ def _networks(text: str) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(
                 f"expected IP addresses or networks such as 10.0.0.2 or 192.168.1.0/24, "
-                f"got {item!r}"
+                f"got {shown(item)}"
             ) from None
     return tuple(networks)
 
@@ -145,48 +206,67 @@ def _watch_formats(text: str) -> tuple[str, ...]:
     values = tuple(dict.fromkeys(item.lower() for item in _csv(text)))
     unknown = [v for v in values if v not in WATCH_FORMATS]
     if unknown or not values:
-        raise ValueError(f"expected a comma list of {', '.join(WATCH_FORMATS)}, got {text!r}")
+        raise ValueError(f"expected a comma list of {', '.join(WATCH_FORMATS)}, got {shown(text)}")
     return values
 
 
-def _language(text: str) -> str:
-    value = text.strip().lower()
-    if value in ("", "auto"):
+def parse_language(value: object) -> str:
+    """A Whisper language code (en, de, haw, ...), or empty/`auto` for detection ("")."""
+    if not isinstance(value, str):
+        raise ValueError("expected a language code such as en or de, or empty for auto")
+    code = value.strip().lower()
+    if code in ("", "auto"):
         return ""
     from faster_whisper.tokenizer import _LANGUAGE_CODES  # only when one is set
 
-    if value not in _LANGUAGE_CODES:
-        raise ValueError(f"expected a language code such as en or de, or empty, got {text!r}")
-    return value
+    if code not in _LANGUAGE_CODES:
+        raise ValueError(f"expected a language code such as en or de, or empty, got {shown(value)}")
+    return code
 
 
-def _model_name(text: str) -> str:
-    value = text.strip()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-        raise ValueError(f"expected a model name such as tiny.en or base, got {text!r}")
-    return value
+def parse_model_name(value: object) -> str:
+    """A model name such as tiny.en, base or an imported one (no paths)."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not _MODEL_NAME.fullmatch(text):
+        raise ValueError(f"expected a model name such as tiny.en or base, got {shown(value)}")
+    return text
 
 
-def _env(name: str, parse: Callable[[str], Any], default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"env": name, "parse": parse, "doc": doc})
+def parse_origins(value: object) -> tuple[str, ...]:
+    """Browser origins (scheme://host[:port]) as a comma/space list or a JSON list; lower case,
+    no trailing slash, sorted and without repeats."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[\s,]+", value) if v]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of origins such as https://intranet.example:8443")
+    if len(value) > MAX_ORIGINS:
+        raise ValueError(f"at most {MAX_ORIGINS} origins")
+    origins = set()
+    for item in value:
+        origin = item.strip().rstrip("/")
+        if not _ORIGIN.match(origin):
+            raise ValueError(f"not an origin (scheme://host[:port]): {shown(origin)}")
+        origins.add(origin.lower())
+    return tuple(sorted(origins))
 
 
 def _default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The appliance's configuration; build it with `Settings.from_env()`."""
+class Settings(EnvSettings):
+    """The appliance's configuration; build it with `Settings.from_env()` (immutable)."""
+
+    model_config = SettingsConfigDict(frozen=True)
 
     data_dir: Path = _env(
         "DATA_DIR",
-        lambda t: Path(t).expanduser(),
+        _path,
         Path("/var/lib/whisper-appliance"),
         "Database, models, certificates, logs, temp uploads",
     )
-    bind_address: str = _env("BIND_ADDRESS", str.strip, "0.0.0.0", "Address to listen on")  # noqa: S104
-    https_port: int = _env("HTTPS_PORT", _int_range(1, 65535), 5001, "Port of the main listener")
+    bind_address: str = _env("BIND_ADDRESS", _host, "0.0.0.0", "Address to listen on")  # noqa: S104
+    https_port: int = _env("HTTPS_PORT", int_range(1, 65535), 5001, "Port of the main listener")
     https_enabled: bool = _env(
         "HTTPS_ENABLED",
         parse_bool,
@@ -200,7 +280,7 @@ class Settings:
         "Also listen on HTTP_PORT and redirect plain HTTP to HTTPS",
     )
     http_port: int = _env(
-        "HTTP_PORT", _int_range(1, 65535), 80, "Port of the HTTP redirect listener"
+        "HTTP_PORT", int_range(1, 65535), 80, "Port of the HTTP redirect listener"
     )
     ssl_cert_path: Path | None = _env(
         "SSL_CERT_PATH", _optional_path, None, "Custom certificate (PEM); empty = generated CA"
@@ -209,7 +289,7 @@ class Settings:
         "SSL_KEY_PATH", _optional_path, None, "Key of the custom certificate (PEM)"
     )
     whisper_model: str = _env(
-        "WHISPER_MODEL", _model_name, "tiny.en", "Default model, warmed up at start"
+        "WHISPER_MODEL", parse_model_name, "tiny.en", "Default model, warmed up at start"
     )
     engine: str = _env("ENGINE", _choice(ENGINES), "faster-whisper", "Inference engine")
     compute_type: str = _env(
@@ -230,24 +310,22 @@ class Settings:
         "float16",
         "CTranslate2 compute type on a CUDA GPU (COMPUTE_TYPE applies on the CPU)",
     )
-    cpu_threads: int = _env(
-        "CPU_THREADS", _int_range(1, 256), 1, "CPU threads per inference worker"
-    )
+    cpu_threads: int = _env("CPU_THREADS", int_range(1, 256), 1, "CPU threads per inference worker")
     worker_processes: int = _env(
         "WORKER_PROCESSES",
-        _int_range(0, 64),
+        int_range(0, 64),
         0,
         "Parallel inference workers (0 = one per core; on a GPU, 2 model replicas)",
     )
     model_cache_size: int = _env(
         "MODEL_CACHE_SIZE",
-        _int_range(1, 16),
+        int_range(1, 16),
         1,
         "Models kept loaded at once (least recently used leaves)",
     )
     model_idle_timeout: int = _env(
         "MODEL_IDLE_TIMEOUT",
-        _int_range(0, 30 * 24 * 3600),
+        int_range(0, 30 * 24 * 3600),
         3600,
         "Seconds a loaded model may stay unused before it is unloaded (the default model too; "
         "reloaded on the next request; 0 = never)",
@@ -257,44 +335,44 @@ class Settings:
     )
     max_audio_duration: int = _env(
         "MAX_AUDIO_DURATION",
-        _int_range(1, 7 * 24 * 3600),
+        int_range(1, 7 * 24 * 3600),
         4 * 3600,
         "Longest audio accepted for transcription, in seconds (14400 = 4 h); longer gets 413",
     )
     max_queue: int = _env(
-        "MAX_QUEUE", _int_range(1, 10000), 32, "Jobs waiting at most; more get 429"
+        "MAX_QUEUE", int_range(1, 10000), 32, "Jobs waiting at most; more get 429"
     )
     audio_chunk_size: int = _env(
         "AUDIO_CHUNK_SIZE",
-        _int_range(1600, 4000),
+        int_range(1600, 4000),
         3200,
         "Live audio frame, in 16 kHz samples (3200 = 200 ms)",
     )
     debug_mode: bool = _env("DEBUG_MODE", parse_bool, False, "Debug logging")
     model_hub_url: str = _env(
-        "MODEL_HUB_URL", str.strip, "https://huggingface.co", "Where models are downloaded from"
+        "MODEL_HUB_URL", _http_url, "https://huggingface.co", "Where models are downloaded from"
     )
     history_retention_days: int = _env(
         "HISTORY_RETENTION_DAYS",
-        _int_range(0, 36500),
+        int_range(0, 36500),
         0,
         "Delete history older than this (0 = keep)",
     )
     history_max_rows: int = _env(
         "HISTORY_MAX_ROWS",
-        _int_range(0, 10_000_000),
+        int_range(0, 10_000_000),
         0,
         "Keep at most this many entries (0 = no limit)",
     )
     job_retention_hours: int = _env(
         "JOB_RETENTION_HOURS",
-        _int_range(1, 8760),
+        int_range(1, 8760),
         24,
         "Hours a finished job stays queryable at /api/jobs/{id}; then its row is pruned",
     )
     allowed_origins: tuple[str, ...] = _env(
         "ALLOWED_ORIGINS",
-        _csv,
+        parse_origins,
         (),
         "Extra browser origins allowed for CORS and /ws/live (comma list)",
     )
@@ -326,13 +404,13 @@ class Settings:
     )
     live_max_sessions: int = _env(
         "LIVE_MAX_SESSIONS",
-        _int_range(0, 256),
+        int_range(0, 256),
         4,
         "Live speech sessions at once (0 = no limit)",
     )
-    live_max_minutes: float = _env(
+    live_max_minutes: int | float = _env(
         "LIVE_MAX_MINUTES",
-        _minutes(1440),
+        minutes(1440),
         60,
         "Longest live speech session in minutes of wall-clock time from connecting "
         "(0 = no limit; fractions allowed)",
@@ -340,31 +418,31 @@ class Settings:
     # --- live speech (issue 5): limits of one /ws/live connection and its segmentation ---
     live_max_frame_bytes: int = _env(
         "LIVE_MAX_FRAME_BYTES",
-        _int_range(3200, 1024 * 1024),
+        int_range(3200, 1024 * 1024),
         32000,
         "Largest live audio frame in bytes (32000 = 1 s of 16 kHz PCM); larger closes 1009",
     )
     live_max_bytes_per_second: int = _env(
         "LIVE_MAX_BYTES_PER_SECOND",
-        _int_range(32000, 10_000_000),
+        int_range(32000, 10_000_000),
         64000,
         "Live audio bytes per second per connection (2x real time); more closes 1008",
     )
     live_idle_timeout: int = _env(
         "LIVE_IDLE_TIMEOUT",
-        _int_range(1, 3600),
+        int_range(1, 3600),
         30,
         "Seconds without audio before a live connection is closed (pings do not count)",
     )
     live_max_utterance_seconds: int = _env(
         "LIVE_MAX_UTTERANCE_SECONDS",
-        _int_range(5, 28),
+        int_range(5, 28),
         15,
         "Longest live utterance: a final is forced after this many seconds of speech",
     )
     live_silence_ms: int = _env(
         "LIVE_SILENCE_MS",
-        _int_range(200, 3000),
+        int_range(200, 3000),
         500,
         "Silence (ms) that ends a live utterance and triggers its final text",
     )
@@ -394,7 +472,7 @@ class Settings:
         "Serve the Wyoming protocol (Home Assistant) on WYOMING_PORT; true on the appliance",
     )
     wyoming_port: int = _env(
-        "WYOMING_PORT", _int_range(1, 65535), 10300, "TCP port of the Wyoming server"
+        "WYOMING_PORT", int_range(1, 65535), 10300, "TCP port of the Wyoming server"
     )
     wyoming_allowed_networks: tuple[Network, ...] = _env(
         "WYOMING_ALLOWED_NETWORKS",
@@ -423,13 +501,13 @@ class Settings:
     )
     wyoming_max_connections: int = _env(
         "WYOMING_MAX_CONNECTIONS",
-        _int_range(1, 1024),
+        int_range(1, 1024),
         8,
         "Wyoming connections at once; more are refused",
     )
     wyoming_idle_timeout: int = _env(
         "WYOMING_IDLE_TIMEOUT",
-        _int_range(1, 3600),
+        int_range(1, 3600),
         30,
         "Seconds a Wyoming connection may stay without events (without audio inside a request)",
     )
@@ -461,11 +539,11 @@ class Settings:
         "link-local, this appliance's own; comma list of IPs/networks)",
     )
     webhook_max_attempts: int = _env(
-        "WEBHOOK_MAX_ATTEMPTS", _int_range(1, 10), 5, "Delivery attempts of a job's webhook"
+        "WEBHOOK_MAX_ATTEMPTS", int_range(1, 10), 5, "Delivery attempts of a job's webhook"
     )
-    webhook_retry_seconds: float = _env(
+    webhook_retry_seconds: int | float = _env(
         "WEBHOOK_RETRY_SECONDS",
-        _seconds(0.01, 3600),
+        seconds(0.01, 3600),
         10,
         "Wait before the 2nd webhook attempt; doubled before each next one (10, 20, 40, 80 s)",
     )
@@ -479,13 +557,13 @@ class Settings:
     )
     watch_model: str = _env(
         "WATCH_MODEL",
-        lambda t: _model_name(t) if t.strip() else "",
+        lambda t: parse_model_name(t) if t.strip() else "",
         "",
         "Model for WATCH_DIR files; empty = the default model",
     )
     watch_language: str = _env(
         "WATCH_LANGUAGE",
-        _language,
+        parse_language,
         "",
         "Language of WATCH_DIR files (en, de, ...); empty = detected per file",
     )
@@ -501,15 +579,15 @@ class Settings:
         False,
         "Label speakers in WATCH_DIR results (needs the speaker model, see Who said what)",
     )
-    watch_settle_seconds: float = _env(
+    watch_settle_seconds: int | float = _env(
         "WATCH_SETTLE_SECONDS",
-        _seconds(0.1, 3600),
+        seconds(0.1, 3600),
         10,
         "A WATCH_DIR file is taken once its size and time stayed unchanged this long (copy done)",
     )
-    watch_poll_seconds: float = _env(
+    watch_poll_seconds: int | float = _env(
         "WATCH_POLL_SECONDS",
-        _seconds(0.05, 60),
+        seconds(0.05, 60),
         2,
         "How often WATCH_DIR is scanned, in seconds",
     )
@@ -537,39 +615,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every variable; raise ConfigError naming the first bad one."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f.metadata["env"]
-            if f.name in overrides:
-                values[f.name] = overrides[f.name]
-            elif name in env:
-                try:
-                    values[f.name] = f.metadata["parse"](env[name])
-                except ValueError as exc:
-                    raise ConfigError(f"{name}: {exc}") from None
-        settings = cls(**values)
-        settings.check()
-        return settings
+        """Read every variable of `env` (default: os.environ); `overrides` are field values
+        set in code (tests), given as values, not text. Raises ConfigError naming the bad
+        variables."""
+        return cls.load(env, **overrides)
 
-    def check(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
         if (self.ssl_cert_path is None) != (self.ssl_key_path is None):
             raise ConfigError("SSL_CERT_PATH and SSL_KEY_PATH must be set together")
         if self.http_redirect and not self.https_enabled:
             raise ConfigError("HTTP_REDIRECT: needs HTTPS_ENABLED=true (nothing to redirect to)")
         if self.http_redirect and self.http_port == self.https_port:
             raise ConfigError("HTTP_PORT: must differ from HTTPS_PORT")
-
-    @classmethod
-    def documentation(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, description) rows — the README table is checked against this."""
-        rows = []
-        for f in fields(cls):
-            default = f.default
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            shown = (
-                "" if shown is None else str(shown).lower() if isinstance(shown, bool) else shown
-            )
-            rows.append((f.metadata["env"], str(shown), f.metadata["doc"]))
-        return rows
+        return self

@@ -1,37 +1,45 @@
 """The app factory: `create_app(settings)` builds the Quart app; resources live on the app.
 
-Long-lived services (database, history, model manager, job queue) are created in
-`before_serving` and closed in `after_serving`. Feature modules (UI, live speech, TLS, admin,
-security) each expose `init_app(app)` and are wired in `_init_features` below.
+`build_services(settings)` creates every long-lived part in one fixed order (database,
+history, model manager, job queue, auth, rate limits, runtime settings, webhooks, Wyoming,
+the inbox) in the app's `while_serving` lifespan: after every `before_serving` hook (the log
+file is attached, the update spool prepared), and `stop_services` stops them in the reverse
+order before any `after_serving` hook, once Quart has awaited (or cancelled) the background
+tasks. Feature modules (UI, live speech, TLS, admin, security, metrics) each expose
+`init_app(app)`, wired in `_init_features` below: they register routes and request hooks and
+read what they need from the typed `Services`, never from each other's start-up hooks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import AsyncGenerator
 
 from quart import Quart, Response, render_template
 from quart_schema import Info, QuartSchema
 
 from appliance import __version__
+from appliance.core.auth import Auth
 from appliance.core.db import Database, StartupError
 from appliance.core.engines import create_engine
 from appliance.core.history import History
 from appliance.core.jobs import Job, JobQueue
 from appliance.core.model_manager import ModelManager
 from appliance.system.config import Settings
-from appliance.web import api
+from appliance.web import api, metrics, webhooks
 from appliance.web.errors import register_error_handlers
-from appliance.web.services import Services
+from appliance.web.services import Limiters, Services
+from appliance.web.settings_store import SettingsStore
 from appliance.web.upload import prepare_tmp_dir
 
 log = logging.getLogger(__name__)
 
 
-async def start_services(settings: Settings) -> Services:
-    """Open the database, prepare directories and start the job workers.
+async def build_services(settings: Settings) -> Services:
+    """Open the database, prepare directories, then start everything else in a fixed order.
 
-    Any failure closes the database again, so the process can exit (StartupError).
+    Any failure stops what started and closes the database again, so the process can exit
+    (StartupError).
     """
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -40,13 +48,13 @@ async def start_services(settings: Settings) -> Services:
         raise StartupError(f"DATA_DIR {settings.data_dir} is not usable: {exc}") from exc
     db = await Database.open(settings.db_path)
     try:
-        return await _start_on(settings, db)
+        return await _build_on(settings, db)
     except BaseException:
         await db.close()
         raise
 
 
-async def _start_on(settings: Settings, db: Database) -> Services:
+async def _build_on(settings: Settings, db: Database) -> Services:
     history = History(db, settings.history_retention_days, settings.history_max_rows)
     await history.migrate()
     engine = create_engine(
@@ -88,17 +96,56 @@ async def _start_on(settings: Settings, db: Database) -> Services:
         load_result=history.transcript,
     )
     jobs.max_audio_duration = settings.max_audio_duration
+    auth = await Auth.open(db, settings.data_dir)
+    services = Services(
+        settings=settings,
+        db=db,
+        history=history,
+        models=models,
+        jobs=jobs,
+        auth=auth,
+        limiters=Limiters.from_settings(settings),
+    )
+    # the runtime settings (admin panel) are published before anything reads them
+    await SettingsStore(db, services).load()
     await jobs.start()
-    return Services(settings=settings, db=db, history=history, models=models, jobs=jobs)
-
-
-async def _warm_up(services: Services) -> None:
-    name = services.extras.get("default_model") or services.settings.whisper_model
     try:
-        async with services.models.use(name):
-            log.info("default model %s is ready", name)
-    except Exception:
-        log.exception("could not warm up the default model %s", name)
+        await _start_features(services)
+    except BaseException:
+        await stop_services(services, close_db=False)
+        raise
+    return services
+
+
+async def _start_features(services: Services) -> None:
+    """The optional features, once the core is up (each may read the job queue's history)."""
+    settings = services.settings
+    # issue 15: webhooks when a job finishes
+    services.webhooks = webhooks.Dispatcher(services)
+    await services.webhooks.start()
+    if settings.wyoming_enabled:  # issue 14: Home Assistant (Wyoming) on its own TCP port
+        from appliance.web import wyoming_server
+
+        services.wyoming = await wyoming_server.start(services)
+    if settings.watch_dir is not None:  # issue 15: the inbox folder (WATCH_DIR)
+        from appliance.web import inbox
+
+        services.inbox = await inbox.start(services)
+
+
+async def stop_services(services: Services, *, close_db: bool = True) -> None:
+    """Stop in the reverse order of `build_services`; what is pending resumes at next start."""
+    services.ready = False
+    if services.webhooks is not None:  # pending deliveries resume at the next start
+        await services.webhooks.stop()
+    if services.wyoming is not None:  # its requests hold models and wait for jobs
+        await services.wyoming.stop()
+    if services.inbox is not None:  # before the jobs: its claims resume at the next start
+        await services.inbox.stop()
+    await services.jobs.stop()
+    services.models.close()
+    if close_db:
+        await services.db.close()
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -126,38 +173,19 @@ def create_app(settings: Settings | None = None) -> Quart:
         """Swagger UI over /openapi.json, from assets served by the appliance."""
         return await render_template("docs.html")
 
-    @app.before_serving
-    async def _startup() -> None:
+    @app.while_serving
+    async def _lifespan() -> AsyncGenerator[None, None]:
         try:
-            services = await start_services(settings)
+            services = await build_services(settings)
         except Exception as exc:  # the database, DATA_DIR, a migration: say it, then exit
             log.critical("cannot start: %s", exc)
             raise
         app.extensions["appliance"] = services
-        services.extras["warm_up"] = asyncio.create_task(_warm_up(services))
+        metrics.bind(services, live=app.extensions.get("live"))
+        services.warm_up()  # a Quart background task: awaited (then cancelled) at shutdown
         services.ready = True
-        if settings.wyoming_enabled:  # issue 14: Home Assistant (Wyoming) on its own TCP port
-            from appliance.web import wyoming_server
-
-            services.extras["wyoming"] = await wyoming_server.start(services)
-        if settings.watch_dir is not None:  # issue 15: the inbox folder (WATCH_DIR)
-            from appliance.web import inbox
-
-            services.extras["inbox"] = await inbox.start(services)
-
-    @app.after_serving
-    async def _shutdown() -> None:
-        services: Services = app.extensions["appliance"]
-        services.ready = False
-        wyoming = services.extras.get("wyoming")
-        if wyoming is not None:  # first: its requests hold models and wait for jobs
-            await wyoming.stop()
-        inbox = services.extras.get("inbox")
-        if inbox is not None:  # before the jobs: its claims resume at the next start
-            await inbox.stop()
-        await services.jobs.stop()
-        services.models.close()
-        await services.db.close()
+        yield
+        await stop_services(services)
 
     @app.after_request
     async def _no_sniff(response: Response) -> Response:
@@ -188,7 +216,7 @@ def _init_features(app: Quart) -> None:
 
     ui.init_app(app)
     live.init_app(app)
-    # issue 15: webhooks when a job finishes (started after every other service)
-    from appliance.web import webhooks
+    # issue 17: the documentation site (make docs) at /help/
+    from appliance.web import help as help_site
 
-    webhooks.init_app(app)
+    help_site.init_app(app)

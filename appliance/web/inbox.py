@@ -478,7 +478,7 @@ class Inbox:
 
     def _options(self) -> tuple[str, TranscribeOptions]:
         s = self.services
-        model = s.settings.watch_model or s.extras.get("default_model") or s.settings.whisper_model
+        model = s.settings.watch_model or s.default_model
         try:
             s.models.check_name(model)
         except ModelError as exc:
@@ -493,13 +493,13 @@ class Inbox:
                 "speaker diarization (WATCH_DIARIZE) needs the speaker model: run"
                 " `python -m appliance.core.diarize fetch DATA_DIR` once"
             )
-        language = s.settings.watch_language or s.extras.get("default_language") or None
+        language = s.settings.watch_language or s.default_language
         return model, TranscribeOptions(language=language, diarize=s.settings.watch_diarize)
 
     async def _submit(self, claim: str, name: str) -> Job | None:
         s = self.services
         model, options = self._options()
-        limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
+        limit = s.max_upload_size
         path = await asyncio.to_thread(self._copy_out, claim, name, limit)
         shown = display_name(name)
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import urlsplit
 
 from quart import Quart, Response, current_app, g, request, websocket
@@ -25,11 +24,9 @@ from quart.wrappers import Websocket
 
 from appliance.core import auth as auth_mod
 from appliance.core.auth import Auth, Session
-from appliance.core.ratelimit import RateLimiter
 from appliance.system.config import Network
 from appliance.web.errors import error_response
-from appliance.web.services import services
-from appliance.web.settings_store import SettingsStore
+from appliance.web.services import Services, services
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +69,7 @@ CORS_EXPOSE = "Retry-After, X-Request-ID, Location, ETag"
 
 
 def get_auth() -> Auth:
-    result: Auth = services().extras["auth"]
-    return result
+    return services().auth
 
 
 def client_ip(req: _Request | Websocket | None = None) -> str:
@@ -150,7 +146,7 @@ def same_origin(origin: str, host: str) -> bool:
 
 def origin_allowed(origin: str, host: str) -> bool:
     """Same origin, or listed in the allowed origins."""
-    allowed: tuple[str, ...] = services().extras.get("allowed_origins", ())
+    allowed = services().runtime.allowed_origins
     return same_origin(origin, host) or origin.lower().rstrip("/") in allowed
 
 
@@ -168,7 +164,7 @@ async def _authenticate(req: _Request | Websocket, method: str) -> Response | No
     token = _bearer(req)
     key_id = await get_auth().verify_key(token) if token else None
     g.api_key_id = key_id
-    required = bool(services().extras.get("require_api_key"))
+    required = services().runtime.require_api_key
     if not required or key_id:
         return None
     session = await current_session(req)
@@ -183,7 +179,7 @@ async def _authenticate(req: _Request | Websocket, method: str) -> Response | No
 
 
 def _rate_limited(req: _Request | Websocket) -> Response | None:
-    limiter: RateLimiter = services().extras["api_limiter"]
+    limiter = services().limiters.api
     key_id = g.get("api_key_id")
     bucket = f"key:{key_id}" if key_id else f"ip:{client_ip(req)}"
     wait = limiter.hit(bucket)
@@ -231,19 +227,8 @@ def _has_body(req: _Request) -> bool:
 
 
 def init_app(app: Quart) -> None:
-    settings = app.extensions["settings"]
-
-    @app.before_serving
-    async def _open() -> None:
-        s = app.extensions["appliance"]
-        s.extras["auth"] = await Auth.open(s.db, settings.data_dir)
-        store = SettingsStore(s.db, s)
-        s.extras["settings_store"] = store
-        values = await store.load()
-        s.extras["api_limiter"] = RateLimiter(settings.api_rate_limit)
-        s.extras["login_limiter"] = RateLimiter(settings.login_rate_limit)
-        if values["default_model"] != settings.whisper_model:
-            store.warm_up(values["default_model"])
+    """The request and WebSocket guards and the response headers (what they read, the auth,
+    the limiters and the runtime settings, is on the typed `Services`)."""
 
     @app.before_request
     async def _check_request() -> Response | None:
@@ -285,8 +270,7 @@ def init_app(app: Quart) -> None:
             origin
             and not request.path.startswith("/admin")
             and not same_origin(origin, request.host)
-            and _extras().get("allowed_origins")
-            and origin.lower().rstrip("/") in _extras()["allowed_origins"]
+            and origin.lower().rstrip("/") in _allowed_origins()
         ):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
@@ -294,6 +278,6 @@ def init_app(app: Quart) -> None:
         return response
 
 
-def _extras() -> dict[str, Any]:
-    s = current_app.extensions.get("appliance")
-    return s.extras if s is not None else {}
+def _allowed_origins() -> tuple[str, ...]:
+    s: Services | None = current_app.extensions.get("appliance")  # None: not started yet
+    return s.runtime.allowed_origins if s is not None else ()

@@ -1,27 +1,30 @@
 """Runtime settings: changed in the admin panel, persisted in the database, env vars as defaults.
 
-The effective values are published in `services().extras` under the names below, where the
-rest of the appliance reads them (`default_model`, `default_language`, `max_upload_size`,
-`require_api_key`, `allowed_origins`, `live_max_sessions`, `live_max_minutes`,
-`default_callback_url`), and the history retention is applied to the running `History`. Read
-the first three through the typed `Services.default_model`, `.default_language` and
-`.max_upload_size` (the environment is their default there, once).
+The effective values are published as the typed `Services.runtime` (`RuntimeSettings`:
+`default_model`, `default_language`, `max_upload_size`, `require_api_key`, `allowed_origins`,
+`live_max_sessions`, `live_max_minutes`, `default_callback_url`), where the rest of the
+appliance reads them, and the history retention is applied to the running `History`. The
+environment defaults are applied here, once (`FIELDS`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from appliance.core.db import Database
 from appliance.exceptions import ApplianceError
-from appliance.system.config import Settings, parse_bool, parse_size
-from appliance.web.services import Services
+from appliance.system.config import (
+    Settings,
+    parse_language,
+    parse_model_name,
+    parse_origins,
+    parse_size,
+)
+from appliance.web.services import RuntimeSettings, Services
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ MIGRATIONS = [
 ]
 
 MAX_UPLOAD_LIMIT = 10 * 1024**3
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$|^haw$|^yue$")
-_ORIGIN = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:\d{1,5})?$")
 
 
 class SettingsError(ApplianceError, ValueError):
@@ -51,29 +52,6 @@ class SettingsError(ApplianceError, ValueError):
         self.status = status
 
 
-def _int(low: int, high: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"expected a whole number from {low} to {high}")
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"expected a whole number from {low} to {high}") from None
-        if not low <= number <= high:
-            raise ValueError(f"expected a whole number from {low} to {high}, got {number}")
-        return number
-
-    return check
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return parse_bool(value)
-    raise ValueError("expected true or false")
-
-
 def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("expected a size such as 100MB or a number of bytes")
@@ -83,31 +61,8 @@ def _size(value: Any) -> int:
     return number
 
 
-def _language(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a language code such as en or de, or empty for auto")
-    code = value.strip().lower()
-    if code in ("", "auto"):
-        return ""
-    if not _LANGUAGE.match(code):
-        raise ValueError(f"expected a language code such as en or de, got {value[:40]!r}")
-    return code
-
-
 def _origins(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[\s,]+", value) if v]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of origins such as https://intranet.example:8443")
-    if len(value) > 32:
-        raise ValueError("at most 32 origins")
-    out = []
-    for origin in value:
-        origin = origin.strip().rstrip("/")
-        if not _ORIGIN.match(origin):
-            raise ValueError(f"not an origin (scheme://host[:port]): {origin[:80]!r}")
-        out.append(origin.lower())
-    return sorted(set(out))
+    return list(parse_origins(value))  # the ALLOWED_ORIGINS rule; a JSON list here
 
 
 def _callback_url(value: Any) -> str:
@@ -127,23 +82,21 @@ def _callback_url(value: Any) -> str:
     return url
 
 
-def _model(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-        raise ValueError("expected a model name such as tiny.en or base")
-    return value
-
-
-# name -> (validator, env default)
+# name -> (validator, env default); the validators are those of the variables they default to
+# (Settings.rule), except where the panel bounds a value further (_size)
 FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[Settings], Any]]] = {
-    "default_model": (_model, lambda s: s.whisper_model),
-    "default_language": (_language, lambda s: ""),
+    "default_model": (parse_model_name, lambda s: s.whisper_model),
+    "default_language": (parse_language, lambda s: ""),
     "max_upload_size": (_size, lambda s: s.max_upload_size),
-    "history_retention_days": (_int(0, 36500), lambda s: s.history_retention_days),
-    "history_max_rows": (_int(0, 10_000_000), lambda s: s.history_max_rows),
-    "live_max_sessions": (_int(0, 256), lambda s: s.live_max_sessions),
-    "live_max_minutes": (_int(0, 1440), lambda s: s.live_max_minutes),
-    "require_api_key": (_bool, lambda s: s.require_api_key),
-    "allowed_origins": (_origins, lambda s: sorted(o.lower() for o in s.allowed_origins)),
+    "history_retention_days": (
+        Settings.rule("history_retention_days"),
+        lambda s: s.history_retention_days,
+    ),
+    "history_max_rows": (Settings.rule("history_max_rows"), lambda s: s.history_max_rows),
+    "live_max_sessions": (Settings.rule("live_max_sessions"), lambda s: s.live_max_sessions),
+    "live_max_minutes": (Settings.rule("live_max_minutes"), lambda s: s.live_max_minutes),
+    "require_api_key": (Settings.rule("require_api_key"), lambda s: s.require_api_key),
+    "allowed_origins": (_origins, lambda s: list(s.allowed_origins)),
     "default_callback_url": (_callback_url, lambda s: ""),
 }
 
@@ -231,25 +184,15 @@ class SettingsStore:
 
     def _publish(self, values: dict[str, Any]) -> None:
         self.values = values
-        extras = self.services.extras
-        for key, value in values.items():
-            extras[key] = value
-        extras["allowed_origins"] = tuple(values["allowed_origins"])
+        self.services.settings_store = self
+        self.services.runtime = RuntimeSettings.from_values(values)
         history = self.services.history
         history.retention_days = values["history_retention_days"]
         history.max_rows = values["history_max_rows"]
 
     def warm_up(self, name: str) -> None:
         """Load the (new) default model in the background so the next request is fast."""
-
-        async def load() -> None:
-            try:
-                async with self.services.models.use(name):
-                    log.info("default model %s is ready", name)
-            except Exception as exc:  # reported, and the next request retries
-                log.warning("could not load the default model %s: %s", name, exc)
-
-        self.services.extras["settings_warm_up"] = asyncio.get_running_loop().create_task(load())
+        self.services.warm_up(name)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -77,6 +77,9 @@ class LiveConfig:
     sentence_any_gap_seconds: float = 6.0  # past this, cut at a word gap the VAD did not see
 
 
+PAUSE_REACH = 16  # windows (0.5 s)
+
+
 def _sec(samples: int) -> float:
     return round(samples / SAMPLE_RATE, 3)
 
@@ -165,6 +168,11 @@ class Closed:
     speculation: Hypothesis | None = None
     arrived: float | None = None  # wall time the audio up to speech_end had arrived
     stable: tuple[str, ...] = ()  # words the partials committed (promised) before the close
+    due: int | None = None  # sample from which it counts as behind (default: speech_end)
+
+    @property
+    def lag_from(self) -> int:
+        return self.speech_end if self.due is None else self.due
 
 
 @dataclass
@@ -220,6 +228,7 @@ class LiveTranscriber:
         self._next_index = 0
         self._last_partial_seconds = 0.0
         self._finals_running: dict[int, int] = {}  # speech end -> utterance index
+        self._running_due: dict[int, int] = {}  # speech end -> `Closed.lag_from`
         self.language = decoder.language or ""
         self.degraded = False  # set by the driver under load: greedy finals, fewer partials
         self.degraded_decodes = 0
@@ -403,7 +412,7 @@ class LiveTranscriber:
         """How far finals are behind: audio since the oldest unfinished utterance ended,
         beyond the silence that had to pass anyway (about one decode time when keeping up)."""
         with self.lock:
-            ends = [c.speech_end for c in self.closed] + list(self._finals_running)
+            ends = [c.lag_from for c in self.closed] + list(self._running_due.values())
             if not ends:
                 return 0.0
             behind = (self.position - min(ends)) / SAMPLE_RATE
@@ -421,6 +430,7 @@ class LiveTranscriber:
                 if self.closed:
                     closed = self.closed.popleft()
                     self._finals_running[closed.speech_end] = closed.index
+                    self._running_due[closed.speech_end] = closed.lag_from
                     return DecodeJob("final", closed.audio, closed=closed, beam_size=self._beam())
                 if utt is not None and self._speculation_due():
                     pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
@@ -467,7 +477,10 @@ class LiveTranscriber:
             # padding has arrived) and lost promised words: decode the whole utterance
             closed.speculation = None
         return self.decoder.decode(
-            job.audio, final=job.kind != "partial", words=job.words, beam_size=job.beam_size
+            job.audio,
+            final=job.kind != "partial",
+            words=job.words or job.kind == "final",  # a final carries word timings
+            beam_size=job.beam_size,
         )
 
     def complete(self, job: DecodeJob, hyp: Hypothesis) -> list[Message]:
@@ -479,6 +492,7 @@ class LiveTranscriber:
                 self.language = hyp.language
             if job.closed is not None:
                 self._finals_running.pop(job.closed.speech_end, None)
+                self._running_due.pop(job.closed.speech_end, None)
                 return self._finalize(job.closed, hyp)
             utt = job.utterance
             assert utt is not None
@@ -503,17 +517,20 @@ class LiveTranscriber:
             return self._partial(utt, hyp, job.end, job.arrived)
 
     def _sentence_cut(self, utt: Utterance, last: Word, following: Word, end: int) -> int | None:
-        """Where to cut after the sentence ending with `last`: the quietest VAD window around
-        the gap before `following` when the VAD saw a pause there (the words' times come from
-        cross-attention and are rough: cutting into a word loses it), else — in an utterance
-        already long — the middle of the words' gap; else nowhere."""
+        """Where to cut after the sentence ending with `last`: the middle of the pause the VAD
+        saw around the gap before `following` (the words' times come from cross-attention and
+        are rough: cutting into a word loses it), else — in an utterance already long — the
+        middle of the words' gap; else nowhere.
+
+        The middle, not the quietest window (in digital silence any window, often one at the
+        pause's edge): both pieces keep some of the pause at their edge, as at a silence close."""
         cfg = self.config
         lo = utt.start + int((last.end - 0.15) * SAMPLE_RATE)
         hi = utt.start + int((max(following.start, last.end) + 0.15) * SAMPLE_RATE)
-        quiet = [(p, e) for e, p in utt.probs if lo <= e <= hi]
+        quiet = [(p, i) for i, (e, p) in enumerate(utt.probs) if lo <= e <= hi]
         cut: int | None = None
         if quiet and min(quiet)[0] < cfg.threshold:
-            cut = min(quiet)[1] - WINDOW // 2
+            cut = self._pause_middle(utt, min(quiet)[1])
         elif (
             end - utt.start >= cfg.sentence_any_gap_seconds * SAMPLE_RATE
             and following.start - last.end >= 0.08
@@ -522,6 +539,17 @@ class LiveTranscriber:
         if cut is None or not utt.start + WINDOW < cut < end:
             return None
         return cut
+
+    def _pause_middle(self, utt: Utterance, at: int) -> int:
+        """The middle of the run of non-speech windows around `utt.probs[at]` (at most
+        `PAUSE_REACH` windows either side: a cut stays near the words it separates)."""
+        probs, threshold = utt.probs, self.config.threshold
+        first = last = at
+        while at - first < PAUSE_REACH and first > 0 and probs[first - 1][1] < threshold:
+            first -= 1
+        while last - at < PAUSE_REACH and last + 1 < len(probs) and probs[last + 1][1] < threshold:
+            last += 1
+        return (probs[first][0] - WINDOW + probs[last][0]) // 2
 
     def _commit_sentence(
         self, utt: Utterance, hyp: Hypothesis, job: DecodeJob
@@ -559,45 +587,27 @@ class LiveTranscriber:
         else:
             return None
         speech_end = min(cut, utt.start + int(words[k].end * SAMPLE_RATE))
-        offset = utt.start / SAMPLE_RATE
-        # the cut follows the VAD, which may place the pause a little before the (rough)
-        # aligned end of the last word: no word time goes past the end of its final
-        limit = cut / SAMPLE_RATE
-        kept = [
-            Word(
-                round(min(w.start + offset, limit), 2),
-                round(min(w.end + offset, limit), 2),
-                w.word,
-                w.probability,
+        # the agreed prefix only says where the sentence ends: its text comes from a final
+        # decode of the audio up to the cut (beam search, as at any close), not from the
+        # greedy partial, and it carries word timings
+        promised = len(self.agreement.committed)
+        self.closed.append(
+            Closed(
+                utt.index,
+                utt.start,
+                cut,
+                speech_end,
+                "sentence",
+                self._slice(utt.start, cut),
+                utt.partials,
+                arrived=self.arrival(speech_end),
+                stable=tuple(self.agreement.committed[: min(promised, k + 1)]),
+                # behind only from now: the agreement wait is not a backlog
+                due=self.position - int(cfg.silence_seconds * SAMPLE_RATE),
             )
-            for w in words[: k + 1]
-        ]
-        text = "".join(w.word for w in words[: k + 1]).strip()
-        language = hyp.language or self.language
-        latency = _ms(self.arrival(speech_end))
-        self.finals.append(Final(utt.index, _sec(utt.start), _sec(cut), text, kept, language))
-        if latency is not None:
-            self.latencies.append(latency / 1000)
+        )
         self.sentence_finals += 1
-        messages: list[Message] = [
-            {
-                "type": "final",
-                "utterance": utt.index,
-                "text": text,
-                "start": _sec(utt.start),
-                "end": _sec(cut),
-                "speech_end": _sec(speech_end),
-                "reason": "sentence",
-                "language": language,
-                "words": [
-                    {"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
-                    for w in kept
-                ],
-                "processing_ms": round(hyp.seconds * 1000),
-                "speculative": False,
-                "latency_ms": latency,
-            }
-        ]
+        messages: list[Message] = []
         # the rest goes on as a new utterance from the cut (as at a `max_length` split)
         rest = Utterance(self._next_index, cut, utt.last_speech_end, 0, utt.last_partial_end)
         rest.probs = [(e, p) for e, p in utt.probs if e > cut]

@@ -13,6 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from appliance.exceptions import ConfigError
 from appliance.system.update import spool as update_spool
 from appliance.system.update.updater import (
     EXIT_FAILED,
@@ -214,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    cfg = Config.from_env()
+    try:
+        cfg = Config.from_env()
+    except ConfigError as exc:  # one line naming the variable, not a traceback
+        print(f"updater: configuration error: {exc}", file=sys.stderr)
+        return 2
     for attr, value in (
         ("root", args.root),
         ("data_dir", args.data_dir),

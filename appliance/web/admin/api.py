@@ -8,19 +8,23 @@ import os
 import re
 import shutil
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import psutil
-from quart import Response, jsonify, request
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
+from quart import Blueprint, Response, current_app, jsonify, request
+from quart_schema import document_request, validate_querystring
 
 from appliance import __version__
 from appliance.core.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_MAX_AGE, AuthError
 from appliance.core.model_manager import MAX_IMPORT_BYTES, ModelError
-from appliance.core.ratelimit import RateLimiter
 from appliance.system import logging_setup
 from appliance.web import webhooks
 from appliance.web.admin import updates
-from appliance.web.admin.guard import auth, blueprint, read_json, session
+from appliance.web.admin.guard import auth, read_json, session
+from appliance.web.api.options import FormModel
+from appliance.web.api.validation import load, validate_json
 from appliance.web.errors import APIError
 from appliance.web.security import client_ip
 from appliance.web.services import services
@@ -28,10 +32,55 @@ from appliance.web.settings_store import SettingsError, SettingsStore
 from appliance.web.upload import receive_upload
 
 log = logging.getLogger(__name__)
+# nested in the guarded /admin blueprint by `appliance.web.admin.init_app`
+blueprint = Blueprint("api", __name__)
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class LoginBody(BaseModel):
+    password: str = Field(min_length=1, description="The admin password")
+    next: str | None = Field(None, description="Where to go after logging in (an /admin page)")
+
+
+class PasswordBody(BaseModel):
+    current: str = Field(description="The current admin password")
+    new: str = Field(description="The new password (strength: appliance.core.auth)")
+
+
+def _key_name(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    name = value.strip()
+    if not name:
+        raise PydanticCustomError("invalid_name", "give the key a name (who or what uses it)")
+    if len(name) > 80 or any(ord(c) < 32 or c in "<>\"'`" for c in name):
+        raise PydanticCustomError("invalid_name", "a key name is at most 80 plain characters")
+    return name
+
+
+class KeyBody(BaseModel):
+    name: Annotated[str, BeforeValidator(_key_name)] = Field(
+        description="Who or what uses the key: at most 80 plain characters"
+    )
+
+
+def _log_level(value: object) -> object:
+    level = value.strip().upper() if isinstance(value, str) else value
+    if level not in LOG_LEVELS:
+        raise PydanticCustomError("invalid_level", f"level is one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+class LogsQuery(FormModel):
+    level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_log_level)
+    ] = Field("INFO", description="The lowest level shown: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    lines: Annotated[int, Field(ge=1, le=2000)] = Field(
+        200, description="How many of the newest lines"
+    )
 
 
 def _auth_error(exc: AuthError) -> APIError:
@@ -44,8 +93,7 @@ def _secure_request() -> bool:
 
 
 def _store() -> SettingsStore:
-    result: SettingsStore = services().extras["settings_store"]
-    return result
+    return services().settings_store
 
 
 def _model_name(name: str) -> str:
@@ -60,13 +108,14 @@ def _model_error(exc: ModelError) -> APIError:
 
 # --- login / logout / password -------------------------------------------------------------
 @blueprint.post("/api/login")
+@document_request(LoginBody)
 async def login() -> Response:
     """Log in with the admin password (login CSRF: double-submit cookie; throttled per IP)."""
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     header = request.headers.get("X-CSRF-Token", "")
     if not cookie or not auth().check_csrf(cookie, header):
         raise APIError(403, "csrf_failed", "missing login token: reload the login page")
-    limiter: RateLimiter = services().extras["login_limiter"]
+    limiter = services().limiters.login
     wait = limiter.hit(f"login:{client_ip()}")
     if wait is not None:
         log.warning("login throttled for %s", client_ip())
@@ -76,16 +125,15 @@ async def login() -> Response:
             f"too many login attempts; retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
-    data = await read_json()
-    password = data.get("password")
-    if not isinstance(password, str) or not password:
-        raise APIError(400, "invalid_request", 'send {"password": "..."}')
+    # the body after the login token and the throttle: `LoginBody`, read by the bounded reader
+    data = load(LoginBody, await read_json())
+    password = data.password
     if not await auth().check_password(password):
         log.warning("failed admin login from %s", client_ip())
         raise APIError(401, "wrong_password", "wrong password")
     value = await auth().create_session(client_ip())
     log.info("admin logged in from %s", client_ip())
-    next_url = data.get("next")
+    next_url = data.next
     safe_next = (
         next_url
         if isinstance(next_url, str) and re.match(r"^/admin(/[A-Za-z0-9/_-]*)?$", next_url)
@@ -114,10 +162,10 @@ async def logout() -> Response:
 
 
 @blueprint.post("/api/password")
-async def change_password() -> Response:
-    data = await read_json()
+@validate_json(PasswordBody)
+async def change_password(data: PasswordBody) -> Response:
     try:
-        await auth().change_password(data.get("current"), data.get("new"), session().id_hash)
+        await auth().change_password(data.current, data.new, session().id_hash)
     except AuthError as exc:
         raise _auth_error(exc) from None
     return jsonify({"ok": True})
@@ -138,7 +186,7 @@ async def status() -> Response:
             "uptime_seconds": round(time.time() - s.started, 1),
             "engine": s.settings.engine,
             "compute_type": s.settings.compute_type,
-            "default_model": s.extras.get("default_model") or s.settings.whisper_model,
+            "default_model": s.default_model,
             "loaded_models": [
                 {"name": name, "ram_mb": round(item.ram_mb, 1), "in_use": item.users}
                 for name, item in s.models.loaded.items()
@@ -167,16 +215,19 @@ async def list_models() -> Response:
     return jsonify(
         {
             "models": s.models.status(),
-            "default_model": s.extras.get("default_model") or s.settings.whisper_model,
+            "default_model": s.default_model,
         }
     )
 
 
 def _background(name: str, coro: Any) -> None:
-    tasks: set[asyncio.Task[Any]] = services().extras.setdefault("admin_tasks", set())
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    """A Quart background task (awaited, then cancelled, at shutdown)."""
+
+    async def run() -> None:
+        log.debug("admin task %s", name)
+        await coro
+
+    current_app.add_background_task(run)
 
 
 @blueprint.post("/api/models/<name>/download")
@@ -232,7 +283,7 @@ async def load_model(name: str) -> Response:
 async def delete_model(name: str) -> Response:
     s = services()
     name = _model_name(name)
-    if name == (s.extras.get("default_model") or s.settings.whisper_model):
+    if name == s.default_model:
         raise APIError(409, "model_is_default", "choose another default model before deleting")
     try:
         await asyncio.to_thread(s.models.delete, name)
@@ -291,15 +342,11 @@ async def put_settings() -> Response:
 
 # --- logs ----------------------------------------------------------------------------------
 @blueprint.get("/api/logs")
-async def logs() -> Response:
-    level = request.args.get("level", "INFO").upper()
-    if level not in LOG_LEVELS:
-        raise APIError(400, "invalid_level", f"level is one of {', '.join(LOG_LEVELS)}")
-    raw = request.args.get("lines", "200")
-    if not raw.isdigit() or not 1 <= int(raw) <= 2000:
-        raise APIError(400, "invalid_lines", "lines is a number from 1 to 2000")
+@validate_querystring(LogsQuery)
+async def logs(query_args: LogsQuery) -> Response:
+    level, lines = query_args.level, query_args.lines
     settings = services().settings
-    entries = await asyncio.to_thread(logging_setup.tail, settings, lines=int(raw), level=level)
+    entries = await asyncio.to_thread(logging_setup.tail, settings, lines=lines, level=level)
     return jsonify({"level": level, "entries": entries})
 
 
@@ -310,15 +357,9 @@ async def list_keys() -> Response:
 
 
 @blueprint.post("/api/keys")
-async def create_key() -> Response:
-    data = await read_json()
-    name = data.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise APIError(400, "invalid_name", "give the key a name (who or what uses it)")
-    name = name.strip()
-    if len(name) > 80 or any(ord(c) < 32 or c in "<>\"'`" for c in name):
-        raise APIError(400, "invalid_name", "a key name is at most 80 plain characters")
-    row, key = await auth().create_key(name)
+@validate_json(KeyBody)
+async def create_key(data: KeyBody) -> Response:
+    row, key = await auth().create_key(data.name)
     response = jsonify({"key": key, **row})
     response.status_code = 201
     response.headers["Cache-Control"] = "no-store"

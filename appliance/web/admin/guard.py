@@ -1,4 +1,7 @@
-"""The admin blueprint and the guard every admin request passes: session, CSRF, body size."""
+"""The admin blueprint and the guard every admin request passes: session, CSRF, body size.
+
+`make_blueprint()` builds a new `/admin` blueprint (one per app) whose guard also runs for the
+blueprints nested in it (`pages`, `api`, `update_api`: see `appliance.web.admin.init_app`)."""
 
 from __future__ import annotations
 
@@ -12,23 +15,27 @@ from appliance.web.errors import error_response
 from appliance.web.jsonbody import read_json_body
 from appliance.web.security import current_session, get_auth
 
-blueprint = Blueprint("admin", __name__, url_prefix="/admin")
-
-OPEN_ENDPOINTS = {"admin.login_page", "admin.login"}
+OPEN_ENDPOINTS = {"admin.pages.login_page", "admin.api.login"}
 PAGE_ENDPOINTS = {
-    "admin.status_page",
-    "admin.models_page",
-    "admin.settings_page",
-    "admin.logs_page",
-    "admin.keys_page",
-    "admin.updates_page",
-    "admin.password_page",
+    "admin.pages.status_page",
+    "admin.pages.models_page",
+    "admin.pages.settings_page",
+    "admin.pages.logs_page",
+    "admin.pages.keys_page",
+    "admin.pages.updates_page",
+    "admin.pages.password_page",
 }
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 MAX_JSON_BYTES = 64 * 1024
 
 
-@blueprint.before_request
+def make_blueprint() -> Blueprint:
+    """A new guarded `/admin` blueprint, for one app."""
+    blueprint = Blueprint("admin", __name__, url_prefix="/admin")
+    blueprint.before_request(guard)
+    return blueprint
+
+
 async def guard() -> Response | None:
     if request.endpoint in OPEN_ENDPOINTS:
         return None

@@ -6,14 +6,16 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from quart import current_app, g, make_response, redirect, render_template, request
+from quart import Blueprint, current_app, g, make_response, redirect, render_template, request
 from quart.typing import ResponseReturnValue
 
 from appliance import __version__
 from appliance.core.auth import LOGIN_CSRF_COOKIE
-from appliance.web.admin.guard import blueprint
 from appliance.web.security import current_session
 from appliance.web.services import services
+
+# nested in the guarded /admin blueprint by `appliance.web.admin.init_app`
+blueprint = Blueprint("pages", __name__)
 
 NAV = (
     ("status", "/admin", "Status"),
@@ -52,7 +54,7 @@ async def login_page() -> ResponseReturnValue:
     if await current_session() is not None:  # logged in already
         return redirect("/admin", 303)
     token = secrets.token_urlsafe(24)
-    first = services().extras["auth"].password_file.is_file()
+    first = services().auth.password_file.is_file()
     html = await render_template(
         "admin/login.html",
         **context(
@@ -60,7 +62,7 @@ async def login_page() -> ResponseReturnValue:
             "Log in",
             csrf=token,
             first_login=first,
-            password_file=str(services().extras["auth"].password_file),
+            password_file=str(services().auth.password_file),
         ),
     )
     response = await make_response(html)

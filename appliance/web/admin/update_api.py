@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-from quart import Response, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response, current_app, jsonify, request
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import __version__
@@ -24,12 +24,14 @@ from appliance.system.update import history as update_history
 from appliance.system.update import spool as update_spool
 from appliance.system.update.releases import DEFAULT_ROOT, ReleaseTree
 from appliance.web.admin import updates
-from appliance.web.admin.guard import blueprint, read_json
+from appliance.web.api.validation import validate_json
 from appliance.web.errors import APIError
 from appliance.web.services import services
 from appliance.web.upload import receive_upload
 
 log = logging.getLogger(__name__)
+# nested in the guarded /admin blueprint by `appliance.web.admin.init_app`
+blueprint = Blueprint("update_api", __name__)
 
 # app.config key: the largest release bundle accepted for upload (the wheelhouse is ~330 MB)
 MAX_BUNDLE_CONFIG = "UPDATE_MAX_BUNDLE_BYTES"
@@ -48,12 +50,16 @@ class UpdateState(BaseModel):
 
 
 class ApplyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     source: str | None = Field(
         None, description="http(s) URL of a release; default: the release UPDATE_SOURCE offers"
     )
 
 
 class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     to_version: str | None = Field(None, description="An installed release; default: previous")
 
 
@@ -131,18 +137,14 @@ async def update_state() -> Response:
 
 @blueprint.post("/api/updates/apply")
 @tag(["admin"])
-@document_request(ApplyBody)
+@validate_json(ApplyBody)
 @document_response(Accepted, 202)
-async def apply_update() -> Response:
+async def apply_update(data: ApplyBody) -> Response:
     """Ask the updater to install a release from a URL (default: from UPDATE_SOURCE)."""
-    data = await read_json()
-    unknown = set(data) - {"source"}
-    if unknown:
-        raise APIError(400, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
     spool = _spool()
     async with _lock():
         _refuse_if_busy(spool)
-        source = data.get("source")
+        source = data.source
         if source is None:
             source = await _default_source()
         try:
@@ -202,15 +204,11 @@ def _looks_like_tar(path: Path) -> bool:
 
 @blueprint.post("/api/updates/rollback")
 @tag(["admin"])
-@document_request(RollbackBody)
+@validate_json(RollbackBody)
 @document_response(Accepted, 202)
-async def rollback_update() -> Response:
+async def rollback_update(data: RollbackBody) -> Response:
     """Ask the updater to go back to the previous (or a named, installed) release."""
-    data = await read_json()
-    unknown = set(data) - {"to_version"}
-    if unknown:
-        raise APIError(400, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
-    to_version = data.get("to_version")
+    to_version = data.to_version
     try:
         if to_version is not None:
             update_spool.check_version(to_version)

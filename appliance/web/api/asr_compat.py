@@ -31,26 +31,34 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import (
     DataSource,
-    document_querystring,
+    RequestSchemaValidationError,
     document_request,
     document_response,
     tag,
+    validate_querystring,
 )
 
 from appliance.core import audio
 from appliance.core.engines.base import SAMPLE_RATE, Transcript
-from appliance.web.api.options import build_options, parse_language, parse_speakers
+from appliance.web.api.options import (
+    FormBool,
+    FormModel,
+    Language,
+    OutputFormat,
+    SpeakerFields,
+    Task,
+    Text,
+    build_options,
+    parse_language,
+)
 from appliance.web.api.submit import raise_for_job, resolve_model, submit
-from appliance.web.errors import APIError
+from appliance.web.errors import APIError, describe_validation, validation_problems
 from appliance.web.services import services
 from appliance.web.upload import TEMP_PREFIX, Upload, receive_upload, safe_filename
 
 blueprint = Blueprint("asr_compat", __name__)
 
-OUTPUTS = ("txt", "vtt", "srt", "tsv", "json")
 DETECT_SECONDS = 30  # whisper-asr-webservice pads or trims to 30 s before detecting
-_TRUE = {"1", "true", "t", "yes", "y", "on"}  # what FastAPI (pydantic) reads as a bool
-_FALSE = {"0", "false", "f", "no", "n", "off"}
 _COPY_BYTES = 1024 * 1024
 
 # whisper.tokenizer.LANGUAGES: /detect-language answers the name, Bazarr reads it
@@ -79,34 +87,26 @@ LANGUAGE_NAMES = {
 }  # fmt: skip
 
 
-class AsrQuery(BaseModel):
-    """Query parameters of `POST /asr` (whisper-asr-webservice)."""
+class DetectQuery(FormModel):
+    """Query parameters of `POST /detect-language` (whisper-asr-webservice)."""
 
-    encode: bool | None = Field(
+    encode: FormBool = Field(
         True, description="true: decode the file with FFmpeg; false: raw 16 kHz mono s16le PCM"
     )
-    task: str | None = Field("transcribe", description="transcribe or translate (to English)")
-    language: str | None = Field(None, description="ISO 639-1 code; empty: detect")
-    initial_prompt: str | None = None
-    vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
-    word_timestamps: bool | None = Field(False, description="Word timestamps (json output)")
-    output: str | None = Field("txt", description="txt, vtt, srt, tsv or json")
-    diarize: bool | None = Field(False, description="Label speakers (who said what)")
-    num_speakers: int | None = Field(
-        None, ge=1, le=20, description="Exact number of speakers, if known"
-    )
-    min_speakers: int | None = Field(None, ge=1, le=20, description="At least this many speakers")
-    max_speakers: int | None = Field(None, ge=1, le=20, description="At most this many speakers")
     video_file: str | None = Field(
         None, description="Path of the video (Bazarr's 'pass video name'): the history's name"
     )
 
 
-class DetectQuery(BaseModel):
-    encode: bool | None = Field(
-        True, description="true: decode the file with FFmpeg; false: raw 16 kHz mono s16le PCM"
-    )
-    video_file: str | None = Field(None, description="Path of the video: the history's name")
+class AsrQuery(DetectQuery, SpeakerFields):
+    """Query parameters of `POST /asr` (whisper-asr-webservice)."""
+
+    task: Task = Field("transcribe", description="transcribe or translate (to English)")
+    language: Language = Field(None, description="ISO 639-1 code; empty: detect")
+    initial_prompt: Text = None
+    vad_filter: FormBool = Field(False, description="Skip silence with Silero VAD")
+    word_timestamps: FormBool = Field(False, description="Word timestamps (json output)")
+    output: OutputFormat = Field("txt", description="txt, vtt, srt, tsv or json")
 
 
 class AsrForm(BaseModel):
@@ -120,62 +120,42 @@ class DetectedLanguage(BaseModel):
 
 
 class _Invalid(Exception):
-    """A query value FastAPI would refuse: 422 with `detail` (and our error shape)."""
+    """A body FastAPI would refuse (no `audio_file` part): 422 with `detail` (and our error
+    shape). Query values are refused by the `AsrQuery` / `DetectQuery` models (below)."""
 
-    def __init__(self, loc: list[str], message: str, kind: str = "value_error") -> None:
+    def __init__(self, loc: list[str | int], message: str, kind: str = "value_error") -> None:
         super().__init__(message)
         self.loc = loc
         self.message = message
         self.kind = kind
 
     def response(self) -> Response:
-        response = jsonify(
-            {
-                "detail": [{"type": self.kind, "loc": self.loc, "msg": self.message}],
-                "error": {"code": "invalid_request", "message": self.message},
-            }
-        )
-        response.status_code = 422
-        return response
+        return _fastapi_error([(self.kind, self.loc, self.message)], self.message)
 
 
-def _bool(name: str, default: bool) -> bool:
-    value = request.args.get(name)
-    if value is None:
-        return default
-    text = value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _Invalid(["query", name], f"{name} must be true or false, not {value!r}", "bool_parsing")
+def _fastapi_error(detail: list[tuple[str, list[str | int], str]], message: str) -> Response:
+    response = jsonify(
+        {
+            "detail": [{"type": kind, "loc": loc, "msg": msg} for kind, loc, msg in detail],
+            "error": {"code": "invalid_request", "message": message},
+        }
+    )
+    response.status_code = 422
+    return response
 
 
-def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = request.args.get(name)
-    if value is None:
-        return default
-    if value not in allowed:
-        raise _Invalid(
-            ["query", name], f"{name} must be one of {', '.join(allowed)}, not {value!r}", "enum"
-        )
-    return value
-
-
-def _language() -> str | None:
-    value = request.args.get("language")
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return parse_language(value)
-    except APIError as exc:
-        raise _Invalid(["query", "language"], exc.message, "enum") from None
+@blueprint.errorhandler(RequestSchemaValidationError)
+async def _invalid_query(error: RequestSchemaValidationError) -> Response:
+    """A query value the models refuse: FastAPI's 422 with `detail` (and our error shape)."""
+    problems = validation_problems(error.validation_error)
+    _code, message = describe_validation(error.validation_error)
+    return _fastapi_error([(kind, ["query", *loc], text) for loc, kind, text in problems], message)
 
 
 async def _receive() -> Upload:
     """The `audio_file` part, streamed to the temp dir under the appliance's upload limit."""
     s = services()
-    limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
+    limit = s.max_upload_size
     try:
         return await receive_upload(request, s.settings.tmp_dir, limit, file_field="audio_file")
     except APIError as exc:
@@ -261,9 +241,9 @@ async def _prepare_audio(upload: Upload, *, encode: bool, seconds: float | None 
     upload.file_path = path
 
 
-def _name_from_video(upload: Upload) -> None:
+def _name_from_video(upload: Upload, query: DetectQuery) -> None:
     """Bazarr's `video_file` (the film's path, when "pass video name" is on) names the entry."""
-    video = (request.args.get("video_file") or "").strip()
+    video = (query.video_file or "").strip()
     if video:
         upload.file_name = safe_filename(video)
 
@@ -343,39 +323,35 @@ def _voice(s: Any) -> str:
 
 @blueprint.post("/asr")
 @tag(["whisper-asr-webservice"])
-@document_querystring(AsrQuery)
+@validate_querystring(AsrQuery)
 @document_request(AsrForm, source=DataSource.FORM_MULTIPART)
-async def asr() -> Response:
+async def asr(query_args: AsrQuery) -> Response:
     """Transcribe like whisper-asr-webservice's `/asr` (Bazarr's Whisper provider).
 
     The body is `text/plain` for every `output`; the JSON output is `{language, segments,
     text}` with faster-whisper's segment fields.
     """
+    query = query_args
     try:
-        encode = _bool("encode", True)
-        task = _choice("task", "transcribe", ("transcribe", "translate"))
-        language = _language()
-        output = _choice("output", "txt", OUTPUTS)
-        vad_filter = _bool("vad_filter", False)
-        word_timestamps = _bool("word_timestamps", False)
         upload = await _receive()
     except _Invalid as exc:
         return exc.response()
     attachment = upload.file_name or "audio"
-    _name_from_video(upload)
+    _name_from_video(upload, query)
+    language = query.language
     try:
         if language is None:  # the appliance's default language (admin settings), if any
-            language = parse_language(services().extras.get("default_language"))
+            language = parse_language(services().default_language)
         options = build_options(
             language=language,
-            task=task,
-            word_timestamps=word_timestamps,
-            vad_filter=vad_filter,
-            prompt=request.args.get("initial_prompt"),
-            **parse_speakers(request.args.get),
+            task=query.task,
+            word_timestamps=query.word_timestamps,
+            vad_filter=query.vad_filter,
+            prompt=query.initial_prompt,
+            **query.speakers(),
         )
         model = resolve_model(None)
-        await _prepare_audio(upload, encode=encode)
+        await _prepare_audio(upload, encode=query.encode)
     except APIError:
         upload.discard()
         raise
@@ -384,6 +360,7 @@ async def asr() -> Response:
     raise_for_job(job)
     if job.result is None:
         raise APIError(404, "result_not_found", "the transcript was deleted from the history")
+    output = query.output
     body = render(job.result, output, language)
     response = Response(body, content_type="text/plain; charset=utf-8")
     response.headers["Asr-Engine"] = _engine_name()
@@ -394,20 +371,19 @@ async def asr() -> Response:
 
 @blueprint.post("/detect-language")
 @tag(["whisper-asr-webservice"])
-@document_querystring(DetectQuery)
+@validate_querystring(DetectQuery)
 @document_request(AsrForm, source=DataSource.FORM_MULTIPART)
 @document_response(DetectedLanguage)
-async def detect_language() -> Response:
+async def detect_language(query_args: DetectQuery) -> Response:
     """Detect the spoken language from the first 30 s, like whisper-asr-webservice."""
     try:
-        encode = _bool("encode", True)
         upload = await _receive()
     except _Invalid as exc:
         return exc.response()
-    _name_from_video(upload)
+    _name_from_video(upload, query_args)
     try:
         model = resolve_model(None)
-        await _prepare_audio(upload, encode=encode, seconds=DETECT_SECONDS)
+        await _prepare_audio(upload, encode=query_args.encode, seconds=DETECT_SECONDS)
         # only the language matters: greedy decoding, no temperature fallback (cheaper)
         options = build_options(language=None, task="transcribe", temperature=0.0, beam_size=1)
     except APIError:

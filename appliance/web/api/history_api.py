@@ -4,19 +4,25 @@ revisions (PATCH an entry, list / read / restore revisions, conflict detection).
 from __future__ import annotations
 
 import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictInt
 from quart import Blueprint, Response, jsonify, request
-from quart_schema import document_querystring, document_request, document_response, tag
+from quart_schema import document_request, document_response, tag, validate_querystring
 
 from appliance.core import formats
 from appliance.core.history import (
+    MAX_SEGMENT_TEXT,
+    MAX_SEGMENTS,
+    MAX_SPEAKER_LABEL,
     EditError,
     RevisionConflict,
     SearchError,
     validate_segments,
     validate_speakers,
 )
+from appliance.web.api.options import FormModel, OutputFormat, blank_is_default
+from appliance.web.api.validation import load, validate_json
 from appliance.web.errors import APIError
 from appliance.web.jsonbody import read_json_body
 from appliance.web.services import services
@@ -24,10 +30,14 @@ from appliance.web.services import services
 blueprint = Blueprint("history", __name__, url_prefix="/api/history")
 
 
-class HistoryQuery(BaseModel):
-    q: str | None = Field(None, description="Full-text search over text and file name")
-    limit: int | None = Field(20, ge=1, le=200)
-    offset: int | None = Field(0, ge=0)
+class HistoryQuery(FormModel):
+    q: Annotated[str, Field(description="Full-text search over text and file name")] = ""
+    limit: Annotated[int, Field(ge=1, le=200), BeforeValidator(blank_is_default)] = 20
+    offset: Annotated[int, Field(ge=0, le=10_000_000), BeforeValidator(blank_is_default)] = 0
+
+
+class ExportQuery(FormModel):
+    format: OutputFormat = Field("txt", description="txt, srt, vtt, json or tsv")
 
 
 class HistoryPage(BaseModel):
@@ -37,28 +47,14 @@ class HistoryPage(BaseModel):
     offset: int
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise APIError(400, "invalid_request", f"{name} must be a whole number") from None
-    if not low <= value <= high:
-        raise APIError(400, "invalid_request", f"{name} must be between {low} and {high}")
-    return value
-
-
 @blueprint.get("")
 @tag(["history"])
-@document_querystring(HistoryQuery)
+@validate_querystring(HistoryQuery)
 @document_response(HistoryPage)
-async def list_history() -> Response:
+async def list_history(query_args: HistoryQuery) -> Response:
     """Newest first, paged; `q` searches text and file names."""
-    limit = _int_arg("limit", 20, 1, 200)
-    offset = _int_arg("offset", 0, 0, 10_000_000)
-    q = request.args.get("q", "")[:200]
+    limit, offset = query_args.limit, query_args.offset
+    q = query_args.q[:200]
     try:
         items, total = await services().history.list(q, limit, offset)
     except SearchError as exc:
@@ -71,25 +67,42 @@ MAX_EDIT_BYTES = 4 * 1024 * 1024
 
 
 class EditSegment(BaseModel):
+    """The shape of one edited segment, for the schema: `validate_segments` checks them."""
+
     start: float = Field(ge=0, description="Seconds; start <= end <= the audio's duration")
     end: float = Field(ge=0)
-    text: str = Field(max_length=2000)
-    speaker: str | None = Field(None, max_length=100, description="Speaker label")
+    text: str = Field(max_length=MAX_SEGMENT_TEXT)
+    speaker: str | None = Field(None, max_length=MAX_SPEAKER_LABEL, description="Speaker label")
     id: int | None = Field(
         None, description="The segment it comes from (its word timings are kept if unchanged)"
     )
 
 
-class EditBody(BaseModel):
-    base_revision: int = Field(ge=0, description="The revision this edit was made on")
-    segments: list[EditSegment] = Field(max_length=10_000)
-    speakers: dict[str, str] = Field(
-        default_factory=dict, description="Speaker label -> display name"
-    )
+Revision = Annotated[StrictInt, Field(ge=0, lt=1_000_000_000)]
 
 
 class RestoreBody(BaseModel):
-    base_revision: int | None = Field(None, ge=0)
+    base_revision: Revision | None = Field(
+        None, description='The revision the client has (or send `If-Match: "r<n>"`)'
+    )
+
+
+class EditBody(RestoreBody):
+    # checked against the stored entry (its duration, its segments) by the core:
+    # `appliance.core.history.validate_segments` / `validate_speakers`, with their 400 / 413
+    segments: Any = Field(
+        description="The whole transcript, in order",
+        json_schema_extra={
+            "type": "array",
+            "maxItems": MAX_SEGMENTS,
+            "items": EditSegment.model_json_schema(),
+        },
+    )
+    speakers: Any = Field(
+        None,
+        description="Speaker label -> display name (default: unchanged)",
+        json_schema_extra={"type": "object", "additionalProperties": {"type": "string"}},
+    )
 
 
 def _not_found(entry_id: str) -> APIError:
@@ -118,15 +131,12 @@ def _conflict(current: int) -> Response:
     return response
 
 
-def _base_revision(body: dict[str, object]) -> int | None:
+def _base_revision(body: RestoreBody) -> int | None:
     """`base_revision` from the body, or from an `If-Match: "r<n>"` header."""
-    raw = body.get("base_revision")
-    if raw is None:
+    if body.base_revision is None:
         match = re.fullmatch(r'\s*(?:W/)?"r(\d{1,9})"\s*', request.headers.get("If-Match", ""))
         return int(match.group(1)) if match else None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 1_000_000_000:
-        raise APIError(400, "invalid_edit", "base_revision must be a revision number")
-    return raw
+    return body.base_revision
 
 
 async def _entry_json(entry_id: str) -> Response:
@@ -148,16 +158,15 @@ async def get_entry(entry_id: str) -> Response:
 
 @blueprint.patch("/<entry_id>")
 @tag(["history"])
-@document_request(EditBody)
-async def edit_entry(entry_id: str) -> Response:
+@validate_json(EditBody, max_bytes=MAX_EDIT_BYTES)
+async def edit_entry(entry_id: str, data: EditBody) -> Response:
     """Save an edit as a new revision: the whole list of segments plus speaker names.
 
     `base_revision` (or `If-Match`) is the revision the edit was made on: when another edit
     was saved since, `409 revision_conflict` with `current_revision`, and nothing is changed.
     """
-    body = await read_json_body(request, max_bytes=MAX_EDIT_BYTES)
     history = services().history
-    base = _base_revision(body)
+    base = _base_revision(data)
     if base is None:
         raise APIError(
             428,
@@ -170,8 +179,10 @@ async def edit_entry(entry_id: str) -> Response:
     if base != entry["revision"]:
         return _conflict(int(entry["revision"]))
     try:
-        segments = validate_segments(body.get("segments"), entry["segments"], entry["duration"])
-        speakers = validate_speakers(body.get("speakers", entry["speakers"]))
+        segments = validate_segments(data.segments, entry["segments"], entry["duration"])
+        speakers = validate_speakers(
+            data.speakers if "speakers" in data.model_fields_set else entry["speakers"]
+        )
     except EditError as exc:
         raise APIError(exc.status, exc.code, exc.message) from None
     try:
@@ -223,7 +234,7 @@ async def restore_revision(entry_id: str, n: str) -> Response:
         request.mimetype or request.content_length or "Transfer-Encoding" in request.headers
     ):
         body = await read_json_body(request)
-    base = _base_revision(body)
+    base = _base_revision(load(RestoreBody, body))
     number = _revision_number(n)
     try:
         restored = await services().history.restore(entry_id, number, base)
@@ -245,13 +256,10 @@ async def delete_entry(entry_id: str) -> Response:
 
 @blueprint.get("/<entry_id>/export")
 @tag(["history"])
-async def export_entry(entry_id: str) -> Response:
+@validate_querystring(ExportQuery)
+async def export_entry(entry_id: str, query_args: ExportQuery) -> Response:
     """Download the latest revision as txt, srt, vtt, json or tsv (`?format=`)."""
-    fmt = request.args.get("format", "txt")
-    if fmt not in formats.EXPORT_FORMATS:
-        raise APIError(
-            400, "invalid_format", f"format must be one of {', '.join(formats.EXPORT_FORMATS)}"
-        )
+    fmt = query_args.format
     history = services().history
     transcript = await history.transcript(entry_id)
     if transcript is None:

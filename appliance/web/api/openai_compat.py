@@ -13,15 +13,24 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
 from quart import Blueprint, Response, jsonify, make_response
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance.core import formats
+from appliance.core.engines.base import TranscribeOptions
 from appliance.core.jobs import Job
-from appliance.web.api.options import build_options, parse_bool, parse_float, parse_speakers
+from appliance.web.api.options import (
+    FormBool,
+    Language,
+    SpeakerFields,
+    Temperature,
+    Text,
+    build_options,
+)
 from appliance.web.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.web.errors import APIError
 from appliance.web.services import services
@@ -29,46 +38,108 @@ from appliance.web.services import services
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
-GRANULARITIES = ("word", "segment")
 
 
-class OpenAITranscriptionForm(BaseModel):
-    file: bytes = Field(description="Audio file")
+def _response_format(value: object) -> object:
+    if value is None:
+        return "json"
+    if not isinstance(value, str):
+        return value
+    fmt = value.strip() or "json"
+    if fmt not in RESPONSE_FORMATS:
+        raise PydanticCustomError(
+            "invalid_response_format",
+            f"must be one of {', '.join(RESPONSE_FORMATS)}, not {str(value)[:40]!r}",
+        )
+    return fmt
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+ResponseFormat = Annotated[
+    Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"],
+    BeforeValidator(_response_format),
+]
+
+
+class OpenAITranslationForm(SpeakerFields):
+    """OpenAI's `/v1/audio/translations` form, plus faster-whisper servers' extra fields."""
+
+    file: bytes | None = Field(None, description="Audio file")
     model: str = Field(description="whisper-1 (= default model) or an appliance model name")
-    language: str | None = Field(None, description="ISO 639-1 input language")
-    prompt: str | None = None
-    response_format: str | None = Field(
+    prompt: Text = None
+    response_format: ResponseFormat = Field(
         "json", description="json, text, srt, verbose_json, vtt or diarized_json (speakers)"
     )
-    temperature: float | None = Field(None, ge=0, le=1)
-    timestamp_granularities: list[str] | None = Field(
-        None, alias="timestamp_granularities[]", description="word and/or segment (verbose_json)"
+    temperature: Temperature = Field(None, description="0 to 1; default: Whisper's fallback")
+    timestamp_granularities: Annotated[
+        list[Literal["word", "segment"]], BeforeValidator(_as_list)
+    ] = Field(
+        default_factory=list,
+        description="`timestamp_granularities[]`: word and/or segment (verbose_json)",
     )
-    stream: bool | None = Field(
-        False,
-        description="Transcriptions only: server-sent transcript.text.delta events, then "
-        "transcript.text.done (response_format json or text)",
-    )
-    hotwords: str | None = Field(None, description="Extra: words to favour (faster-whisper)")
-    vad_filter: bool | None = Field(False, description="Extra: skip silence with Silero VAD")
-    batched: bool | None = Field(
+    hotwords: Text = Field(None, description="Extra: words to favour (faster-whisper)")
+    vad_filter: FormBool = Field(False, description="Extra: skip silence with Silero VAD")
+    batched: FormBool = Field(
         False, description="Extra: long files in VAD-chunked batches (default false: sequential)"
     )
-    word_timestamps: bool | None = Field(
+    word_timestamps: FormBool = Field(
         False, description="Extra: word timestamps (verbose_json then lists words)"
     )
-    diarize: bool | None = Field(
+    diarize: FormBool = Field(
         False, description="Extra: label speakers (implied by response_format=diarized_json)"
     )
-    num_speakers: int | None = Field(
-        None, ge=1, le=20, description="Extra: exact number of speakers"
+
+    @model_validator(mode="after")
+    def _formats(self) -> Self:
+        if "word" in self.timestamp_granularities and self.response_format != "verbose_json":
+            raise PydanticCustomError(
+                "invalid_request",
+                "timestamp_granularities: word needs response_format=verbose_json",
+            )
+        if self.response_format == "diarized_json":
+            self.diarize = True
+        return self
+
+    @property
+    def words(self) -> bool:
+        return self.word_timestamps or "word" in self.timestamp_granularities
+
+    def options(self, task: str, language: str | None = None) -> TranscribeOptions:
+        return build_options(
+            language=language,
+            task=task,
+            word_timestamps=self.words,
+            prompt=self.prompt,
+            temperature=self.temperature,
+            vad_filter=self.vad_filter,
+            batched=self.batched,
+            hotwords=self.hotwords,
+            **self.speakers(),
+        )
+
+
+class OpenAITranscriptionForm(OpenAITranslationForm):
+    """OpenAI's `/v1/audio/transcriptions` form: a translation's fields, a language, streaming."""
+
+    language: Language = Field(None, description="ISO 639-1 input language")
+    stream: FormBool = Field(
+        False,
+        description="Server-sent transcript.text.delta events, then transcript.text.done "
+        "(response_format json, text or diarized_json)",
     )
-    min_speakers: int | None = Field(
-        None, ge=1, le=20, description="Extra: at least this many speakers"
-    )
-    max_speakers: int | None = Field(
-        None, ge=1, le=20, description="Extra: at most this many speakers"
-    )
+
+    @model_validator(mode="after")
+    def _stream(self) -> Self:
+        if self.stream and self.response_format not in ("json", "text", "diarized_json"):
+            raise PydanticCustomError(
+                "invalid_request",
+                "stream: true needs response_format json, text or diarized_json, "
+                f"not {self.response_format!r}",
+            )
+        return self
 
 
 class OpenAITranscription(BaseModel):
@@ -88,56 +159,21 @@ class ModelList(BaseModel):
 
 
 async def _handle(task: str) -> Response:
-    upload = await receive()
+    form: OpenAITranslationForm
+    if task == "transcribe":
+        upload, spoken = await receive(OpenAITranscriptionForm)
+        form, language, stream = spoken, spoken.language, spoken.stream
+    else:
+        upload, form = await receive(OpenAITranslationForm)
+        language, stream = None, False
+    fmt, words = form.response_format, form.words
     try:
-        fmt = (upload.get("response_format") or "json").strip()
-        if fmt not in RESPONSE_FORMATS:
-            raise APIError(
-                400,
-                "invalid_response_format",
-                f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, not {fmt!r}",
-            )
-        granularities = upload.get_all("timestamp_granularities[]") + upload.get_all(
-            "timestamp_granularities"
-        )
-        for g in granularities:
-            if g not in GRANULARITIES:
-                raise APIError(400, "invalid_request", f"timestamp_granularities: unknown {g!r}")
-        if "word" in granularities and fmt != "verbose_json":
-            raise APIError(
-                400, "invalid_request", "timestamp_granularities needs response_format=verbose_json"
-            )
-        # faster-whisper servers' extra form fields
-        words = "word" in granularities or parse_bool(
-            "word_timestamps", upload.get("word_timestamps")
-        )
-        stream = task == "transcribe" and parse_bool("stream", upload.get("stream"))
-        if stream and fmt not in ("json", "text", "diarized_json"):
-            raise APIError(
-                400,
-                "invalid_request",
-                f"stream=true needs response_format json, text or diarized_json, not {fmt!r}",
-            )
-        if upload.get("model") is None:
-            raise APIError(400, "invalid_request", "the 'model' field is required (e.g. whisper-1)")
-        requested = (upload.get("model") or "").strip()
+        requested = form.model.strip()
         model = resolve_model(None if requested in ("whisper-1", "") else requested)
-        speakers = parse_speakers(upload.get)
-        speakers["diarize"] = speakers["diarize"] or fmt == "diarized_json"
-        options = build_options(
-            language=upload.get("language") if task == "transcribe" else None,
-            task=task,
-            word_timestamps=words,
-            prompt=upload.get("prompt"),
-            temperature=parse_float("temperature", upload.get("temperature"), 0.0, 1.0),
-            vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
-            batched=upload.get("batched"),
-            hotwords=upload.get("hotwords"),
-            **speakers,
-        )
     except APIError:
         upload.discard()
         raise
+    options = form.options(task, language)
     job = await submit(upload, model=model, options=options, source="api")
     if stream:
         return await _stream(job)
@@ -259,7 +295,7 @@ async def transcriptions() -> Response:
 
 @blueprint.post("/audio/translations")
 @tag(["openai"])
-@document_request(OpenAITranscriptionForm, source=DataSource.FORM_MULTIPART)
+@document_request(OpenAITranslationForm, source=DataSource.FORM_MULTIPART)
 @document_response(OpenAITranscription)
 async def translations() -> Response:
     """OpenAI-compatible translation to English."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
+from pydantic import BaseModel
 from quart import request
 
 from appliance.core import audio, diarize
@@ -11,21 +13,26 @@ from appliance.core.engines.base import TranscribeOptions
 from appliance.core.jobs import Job, JobStoreError, QueueFullError
 from appliance.core.model_manager import ModelError
 from appliance.web import outbound
+from appliance.web.api.validation import read_form
 from appliance.web.errors import APIError
 from appliance.web.services import services
 from appliance.web.upload import Upload, receive_upload
 
+M = TypeVar("M", bound=BaseModel)
 
-async def receive() -> Upload:
+
+async def receive(model: type[M]) -> tuple[Upload, M]:
+    """The upload (its `file` part or its `url` fetched) and its form fields as `model`."""
     s = services()
     # runtime settings (admin panel) override the env defaults: appliance.web.settings_store
-    limit = s.extras.get("max_upload_size") or s.settings.max_upload_size
+    limit = s.max_upload_size
     upload = await receive_upload(request, s.settings.tmp_dir, limit, file_optional=True)
-    await _fetch_url(upload, limit)
-    language = s.extras.get("default_language")
+    language = s.default_language
     if language and not (upload.get("language") or "").strip():
         upload.fields["language"] = [language]
-    return upload
+    form = read_form(upload, model)  # before fetching a `url`: a bad field costs no download
+    await _fetch_url(upload, limit)
+    return upload, form
 
 
 async def _fetch_url(upload: Upload, limit: int) -> None:
@@ -49,7 +56,7 @@ async def _fetch_url(upload: Upload, limit: int) -> None:
 
 def resolve_model(name: str | None) -> str:
     s = services()
-    chosen = (name or "").strip() or s.extras.get("default_model") or s.settings.whisper_model
+    chosen = (name or "").strip() or s.default_model
     try:
         s.models.check_name(chosen)
     except ModelError as exc:

@@ -63,7 +63,7 @@ async def status() -> Response:
             # as resolved at start (DEVICE=auto picks cuda or cpu, each with its compute type)
             "device": getattr(s.models.engine, "device", "cpu"),
             "compute_type": getattr(s.models.engine, "compute_type", s.settings.compute_type),
-            "default_model": s.extras.get("default_model") or s.settings.whisper_model,
+            "default_model": s.default_model,
             "models": [m for m in s.models.status() if m["state"] != "not_downloaded"],
             "queue": s.jobs.stats(),
             "system": {

@@ -6,24 +6,38 @@ import json
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, Field
-from quart import Blueprint, Response, jsonify, make_response, request
-from quart_schema import DataSource, document_request, document_response, tag
+from quart import Blueprint, Response, jsonify, make_response
+from quart_schema import (
+    DataSource,
+    document_request,
+    document_response,
+    tag,
+    validate_querystring,
+)
 
 from appliance.core import formats
+from appliance.core.engines.base import TranscribeOptions
 from appliance.core.jobs import Job
 from appliance.web import webhooks
-from appliance.web.api.options import build_options, parse_bool, parse_speakers
+from appliance.web.api.options import (
+    FormBool,
+    FormModel,
+    Language,
+    OutputFormat,
+    SpeakerFields,
+    Task,
+    Text,
+    build_options,
+)
 from appliance.web.api.submit import raise_for_job, receive, resolve_model, submit
 from appliance.web.errors import APIError
 from appliance.web.services import services
 
 blueprint = Blueprint("transcribe", __name__)
 
-FORMATS = ("json", "txt", "srt", "vtt", "tsv")
 
-
-class TranscribeForm(BaseModel):
-    """multipart/form-data fields of a transcription request."""
+class TranscribeForm(SpeakerFields):
+    """multipart/form-data fields of a transcription request (`/transcribe`, `/api/jobs`)."""
 
     file: bytes | None = Field(
         None, description="The audio or video file (any format FFmpeg decodes); or `url`"
@@ -35,22 +49,32 @@ class TranscribeForm(BaseModel):
         None, description="POST the signed result there when the job finishes (webhook)"
     )
     model: str | None = Field(None, description="Model name, default: the appliance default")
-    language: str | None = Field(None, description="ISO 639-1 code or 'auto'")
-    task: str | None = Field("transcribe", description="transcribe or translate (to English)")
-    format: str | None = Field("json", description="json, txt, srt, vtt or tsv")
-    word_timestamps: bool | None = Field(False, description="Include word timestamps")
-    vad_filter: bool | None = Field(False, description="Skip silence with Silero VAD")
-    batched: bool | None = Field(
+    language: Language = Field(None, description="ISO 639-1 code or 'auto'")
+    task: Task = Field("transcribe", description="transcribe or translate (to English)")
+    format: OutputFormat = Field("json", description="json, txt, srt, vtt or tsv")
+    word_timestamps: FormBool = Field(False, description="Include word timestamps")
+    vad_filter: FormBool = Field(False, description="Skip silence with Silero VAD")
+    batched: FormBool = Field(
         False, description="Long files: batched VAD-chunked decoding (default false: sequential)"
     )
-    prompt: str | None = Field(None, description="Initial prompt (names, spelling)")
-    hotwords: str | None = Field(None, description="Words to favour")
-    diarize: bool | None = Field(False, description="Label speakers (who said what)")
-    num_speakers: int | None = Field(
-        None, ge=1, le=20, description="Exact number of speakers, if known"
-    )
-    min_speakers: int | None = Field(None, ge=1, le=20, description="At least this many speakers")
-    max_speakers: int | None = Field(None, ge=1, le=20, description="At most this many speakers")
+    prompt: Text = Field(None, description="Initial prompt (names, spelling)")
+    hotwords: Text = Field(None, description="Words to favour")
+
+    def options(self) -> TranscribeOptions:
+        return build_options(
+            language=self.language,
+            task=self.task,
+            word_timestamps=self.word_timestamps,
+            vad_filter=self.vad_filter,
+            batched=self.batched,
+            prompt=self.prompt,
+            hotwords=self.hotwords,
+            **self.speakers(),
+        )
+
+
+class ResultQuery(FormModel):
+    format: OutputFormat = Field("json", description="json, txt, srt, vtt or tsv")
 
 
 class JobView(BaseModel):
@@ -85,28 +109,17 @@ class TranscriptView(BaseModel):
 
 
 async def _form_job(source: str) -> tuple[Job, str]:
-    upload = await receive()
+    upload, form = await receive(TranscribeForm)
     try:
-        fmt = (upload.get("format") or "json").strip().lower()
-        if fmt not in FORMATS:
-            raise APIError(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
-        options = build_options(
-            language=upload.get("language"),
-            task=upload.get("task"),
-            word_timestamps=parse_bool("word_timestamps", upload.get("word_timestamps")),
-            vad_filter=parse_bool("vad_filter", upload.get("vad_filter")),
-            batched=upload.get("batched"),
-            prompt=upload.get("prompt"),
-            hotwords=upload.get("hotwords"),
-            **parse_speakers(upload.get),
-        )
-        model = resolve_model(upload.get("model"))
-        callback = await webhooks.callback_for(upload.get("callback_url"), services())
+        model = resolve_model(form.model)
+        callback = await webhooks.callback_for(form.callback_url, services())
     except APIError:
         upload.discard()
         raise
-    job = await submit(upload, model=model, options=options, source=source, callback_url=callback)
-    return job, fmt
+    job = await submit(
+        upload, model=model, options=form.options(), source=source, callback_url=callback
+    )
+    return job, form.format
 
 
 def transcript_response(job: Job, fmt: str) -> Response:
@@ -118,25 +131,12 @@ def transcript_response(job: Job, fmt: str) -> Response:
     if fmt != "json":
         body = formats.render(job.result, fmt)
         return Response(body, content_type=formats.EXPORT_FORMATS[fmt])
-    data = formats.verbose(job.result, task=job.options.task, words=job.options.word_timestamps)
-    return jsonify(
-        {
-            "id": job.history_id,
-            "job_id": job.id,
-            "text": data["text"],
-            "language": data["language"],
-            "duration": data["duration"],
-            "model": job.model,
-            "segments": data["segments"],
-            "words": data.get("words"),
-            "timings": job.timings,
-        }
-    )
+    return jsonify(formats.job_result(job))
 
 
 @blueprint.post("/transcribe")
 @tag(["transcription"])
-@document_request(TranscribeForm, source=DataSource.FORM_MULTIPART)
+@document_request(TranscribeForm, source=DataSource.FORM_MULTIPART)  # api.validation
 @document_response(TranscriptView, 200)
 async def transcribe() -> Response:
     """Transcribe one file and wait for the result (seed-compatible).
@@ -150,7 +150,7 @@ async def transcribe() -> Response:
 
 @blueprint.post("/api/jobs")
 @tag(["jobs"])
-@document_request(TranscribeForm, source=DataSource.FORM_MULTIPART)
+@document_request(TranscribeForm, source=DataSource.FORM_MULTIPART)  # api.validation
 @document_response(JobView, 202)
 async def create_job() -> Response:
     """Queue a file and return at once; follow it with GET /api/jobs/{id}/events."""
@@ -183,16 +183,14 @@ async def get_job(job_id: str) -> Response:
 
 @blueprint.get("/api/jobs/<job_id>/result")
 @tag(["jobs"])
+@validate_querystring(ResultQuery)
 @document_response(TranscriptView)
-async def job_result(job_id: str) -> Response:
+async def job_result(job_id: str, query_args: ResultQuery) -> Response:
     """The transcript of a finished job (`?format=json|txt|srt|vtt|tsv`)."""
     job = await _job(job_id)
     if not job.state.finished:
         raise APIError(409, "not_finished", f"the job is {job.state.value}")
-    fmt = request.args.get("format", "json")
-    if fmt not in FORMATS:
-        raise APIError(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
-    return transcript_response(job, fmt)
+    return transcript_response(job, query_args.format)
 
 
 @blueprint.delete("/api/jobs/<job_id>")

@@ -125,14 +125,14 @@ class TokenBucket:
 
 def _limits(s: Services) -> dict[str, Any]:
     settings = s.settings
-    minutes = float(s.extras.get("live_max_minutes", settings.live_max_minutes))
+    minutes = float(s.runtime.live_max_minutes)
     return {
         "max_frame_bytes": settings.live_max_frame_bytes,
         "max_bytes_per_second": settings.live_max_bytes_per_second,
         "idle_timeout_seconds": settings.live_idle_timeout,
         "max_utterance_seconds": settings.live_max_utterance_seconds,
         "silence_ms": settings.live_silence_ms,
-        "max_sessions": int(s.extras.get("live_max_sessions", settings.live_max_sessions)),
+        "max_sessions": s.runtime.live_max_sessions,
         "max_session_minutes": int(minutes) if minutes.is_integer() else minutes,
     }
 
@@ -218,7 +218,7 @@ class LiveConnection:
 
     async def _guarded(self) -> tuple[int, str]:
         origin = websocket.headers.get("Origin")
-        allowed = self.services.extras.get("allowed_origins", self.settings.allowed_origins)
+        allowed = self.services.runtime.allowed_origins
         if not origin_allowed(origin, websocket.host, tuple(allowed)):
             log.warning("live: refused origin %r for host %r", origin, websocket.host)
             raise Refusal(
@@ -330,7 +330,7 @@ class LiveConnection:
             model = resolve_model(start.get("model"))
             language_value = start.get("language")
             if language_value is None:
-                language_value = self.services.extras.get("default_language")
+                language_value = self.services.default_language
             language = parse_language(language_value)
             task = parse_task(start.get("task"))
         except APIError as exc:
