@@ -1,4 +1,4 @@
-# Container image (Dockerfile, compose.yaml) built and tested with podman: README.md, "Docker".
+# Container image (Dockerfile, compose.yaml) built and tested with podman: docs/install/docker.md.
 # Docker Hub may be unreachable: CONTAINER_BASE=local builds the base from Debian's archive
 # (mmdebstrap rootfs with python3, python3-venv, ffmpeg -> `podman import`), cached in .cache/.
 
@@ -52,7 +52,7 @@ test-container: dist/wheelhouse/VERSION $(IMAGE_BASE_DEP) ## Build the image wit
 	WA_IMAGE_BASE=$(IMAGE_BASE) PODMAN_RUNTIME=$(PODMAN_RUNTIME) \
 	  $(VENV)/bin/pytest -m container tests/container
 
-# Signed update release (README.md, "Updating and rolling back"): dist/release/{manifest.json,.sig,tarball}.
+# Signed update release (docs/operate/updates.md): dist/release/{manifest.json,.sig,tarball}.
 RELEASE_KEY ?=
 .PHONY: release
 release: dist/wheelhouse/VERSION ## Sign dist/wheelhouse as an update release in dist/release (RELEASE_KEY=private key; BUNDLE=1: one upload file)

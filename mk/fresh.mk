@@ -1,4 +1,4 @@
-# Fresh-machine proof (README.md, "Development"): every command and host file the Makefile,
+# Fresh-machine proof (docs/develop/tests.md): every command and host file the Makefile,
 # scripts and tests use resolves in a minimal Debian 12 rootfs that has only bootstrap.sh's
 # packages (scripts/check_fresh_machine.sh, scripts/check_commands.py).
 

@@ -1,4 +1,4 @@
-# The one-line Proxmox installer install.sh (README.md, "Install on Proxmox (one line)"):
+# The one-line Proxmox installer install.sh (docs/install/proxmox.md):
 # `make installer` stamps the release version and the CT template's SHA-256 into dist/install.sh,
 # the copy published with the release; `make test-install` runs it against the pct stand-in.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from appliance import schema
 from appliance.exceptions import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ class Database:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA busy_timeout=5000")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
+            await conn.execute(schema.CREATE_TABLE)
             await conn.commit()
             await asyncio.to_thread(_owner_only, path)
         except (sqlite3.Error, OSError) as exc:
@@ -74,23 +72,13 @@ class Database:
 
     async def migrate(self, component: str, migrations: Sequence[str]) -> int:
         """Apply the migrations of `component` not applied yet; return its schema version."""
-        async with self.conn.execute(
-            "SELECT version FROM schema_version WHERE component = ?", (component,)
-        ) as cur:
+        async with self.conn.execute(schema.SELECT_VERSION, (component,)) as cur:
             row = await cur.fetchone()
         current = int(row[0]) if row else 0
-        if current > len(migrations):
-            raise RuntimeError(
-                f"database schema of {component!r} is version {current}, newer than this "
-                f"release knows ({len(migrations)}): restore the matching release or backup"
-            )
-        for version, script in enumerate(migrations[current:], start=current + 1):
+        newer = f"this release knows ({len(migrations)}): restore the matching release or backup"
+        for version, script in schema.pending(component, current, migrations, newer=newer):
             log.info("migrating %s schema to version %d", component, version)
-            await self.conn.executescript(
-                f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
-                f"INSERT INTO schema_version(component, version) VALUES ('{component}', {version})"
-                f" ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;"
-            )
+            await self.conn.executescript(script)
         return len(migrations)
 
     async def writable(self) -> bool:

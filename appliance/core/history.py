@@ -364,6 +364,16 @@ class History:
         self.retention_days = retention_days
         self.max_rows = max_rows
 
+    async def _row(self, sql: str, args: tuple[Any, ...]) -> Any:
+        """The first row of a query, or None."""
+        async with self.db.conn.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def _rows(self, sql: str, args: tuple[Any, ...]) -> Rows:
+        """Every row of a query, as dicts."""
+        async with self.db.conn.execute(sql, args) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
     async def migrate(self) -> None:
         await self.db.migrate("history", MIGRATIONS)
         await self.apply_retention()
@@ -412,29 +422,26 @@ class History:
         else:
             where, args = "", ()
         try:
-            async with self.db.conn.execute(
+            row = await self._row(
                 f"SELECT count(*) FROM transcripts {where}",  # noqa: S608
                 args,
-            ) as cur:
-                row = await cur.fetchone()
+            )
         except (sqlite3.OperationalError, UnicodeError) as exc:
             if not match:
                 raise
             raise SearchError(f"cannot search for {q!r}: {exc}") from None
         total = int(row[0]) if row else 0
-        async with self.db.conn.execute(
+        rows = await self._rows(
             f"SELECT {_COLUMNS} FROM transcripts {where} ORDER BY created DESC LIMIT ? OFFSET ?",  # noqa: S608
             (*args, limit, offset),
-        ) as cur:
-            rows = [dict(r) for r in await cur.fetchall()]
+        )
         return rows, total
 
     async def get(self, entry_id: str) -> dict[str, Any] | None:
-        async with self.db.conn.execute(
+        row = await self._row(
             f"SELECT {_COLUMNS}, segments, timings, speakers FROM transcripts WHERE id = ?",  # noqa: S608
             (entry_id,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None:
             return None
         entry = dict(row)
@@ -444,20 +451,16 @@ class History:
         return entry
 
     async def transcript(self, entry_id: str) -> Transcript | None:
-        async with self.db.conn.execute(
+        row = await self._row(
             "SELECT text, segments, language, duration FROM transcripts WHERE id = ?", (entry_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None:
             return None
         return Transcript(row[0], segments_from_json(row[1]), row[2], row[3])
 
     async def speaker_names(self, entry_id: str) -> dict[str, str]:
         """Speaker label -> display name, as renamed in the editor (latest revision)."""
-        async with self.db.conn.execute(
-            "SELECT speakers FROM transcripts WHERE id = ?", (entry_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT speakers FROM transcripts WHERE id = ?", (entry_id,))
         names = json.loads(row[0]) if row else {}
         return names if isinstance(names, dict) else {}
 
@@ -466,13 +469,12 @@ class History:
         entry = await self.get(entry_id)
         if entry is None:
             return None
-        async with self.db.conn.execute(
+        rows = await self._rows(
             "SELECT revision, created, note, length(text) AS chars,"
             " json_array_length(segments) AS segment_count"
             " FROM transcript_revisions WHERE entry_id = ? ORDER BY revision",
             (entry_id,),
-        ) as cur:
-            rows = [dict(r) for r in await cur.fetchall()]
+        )
         if not rows:
             rows = [
                 {
@@ -489,12 +491,11 @@ class History:
 
     async def revision(self, entry_id: str, number: int) -> dict[str, Any] | None:
         """One revision with its text, segments and speaker names; None if there is none."""
-        async with self.db.conn.execute(
+        row = await self._row(
             "SELECT revision, created, note, text, segments, speakers"
             " FROM transcript_revisions WHERE entry_id = ? AND revision = ?",
             (entry_id, number),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is not None:
             out = dict(row)
         else:
@@ -514,10 +515,7 @@ class History:
         return out
 
     async def _current_revision(self, entry_id: str) -> int | None:
-        async with self.db.conn.execute(
-            "SELECT revision FROM transcripts WHERE id = ?", (entry_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT revision FROM transcripts WHERE id = ?", (entry_id,))
         return None if row is None else int(row[0])
 
     async def save_revision(

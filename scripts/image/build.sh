@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the appliance's Proxmox CT template (README.md, "Use the image"):
+# Builds the appliance's Proxmox CT template (docs/install/ct-template.md):
 #   dist/image/whisper-appliance-<version>-debian-12_amd64.tar.zst  + .tar.zst.sha256
 # from the Debian 12 base template (scripts/pct-standin/build-template), provisioned by the SAME
 # playbook as every other install (playbooks/provision.yml: roles base, firewall,

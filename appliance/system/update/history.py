@@ -19,6 +19,7 @@ from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from appliance import schema
 from appliance.system.update.errors import UnsafeDataFile
 
 COMPONENT = "updates"
@@ -128,30 +129,16 @@ class UpdateHistory:
         return st.st_uid, st.st_gid
 
     def ensure_schema(self) -> None:
-        """The component's migrations, as appliance.core.db.Database.migrate applies them."""
+        """The component's migrations, applied as appliance.core.db.Database.migrate does."""
         try:
             with self.as_data_owner(), closing(self.connect()) as conn:
                 conn.isolation_level = None
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version ("
-                    " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-                )
-                row = conn.execute(
-                    "SELECT version FROM schema_version WHERE component = ?", (COMPONENT,)
-                ).fetchone()
+                conn.execute(schema.CREATE_TABLE)
+                row = conn.execute(schema.SELECT_VERSION, (COMPONENT,)).fetchone()
                 current = int(row[0]) if row else 0
-                if current > len(MIGRATIONS):
-                    raise RuntimeError(
-                        f"database schema of {COMPONENT!r} is version {current}, newer than this "
-                        f"updater knows ({len(MIGRATIONS)})"
-                    )
-                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                    conn.executescript(
-                        f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
-                        "INSERT INTO schema_version(component, version)"
-                        f" VALUES ('{COMPONENT}', {version})"
-                        " ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;"
-                    )
+                newer = f"this updater knows ({len(MIGRATIONS)})"
+                for _, script in schema.pending(COMPONENT, current, MIGRATIONS, newer=newer):
+                    conn.executescript(script)
         finally:
             self.fix_owner()
 

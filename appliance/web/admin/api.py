@@ -230,14 +230,28 @@ def _background(name: str, coro: Any) -> None:
     current_app.add_background_task(run)
 
 
+def _known_model_name(name: str) -> str:
+    """The model name of the URL, checked against the catalog (its error as an APIError)."""
+    name = _model_name(name)
+    try:
+        services().models.check_name(name)
+    except ModelError as exc:
+        raise _model_error(exc) from None
+    return name
+
+
+def _accepted(name: str, task: str, state: str, coro: Any) -> Response:
+    """Run `coro` in the background; 202 `{ok, name, state}` now."""
+    _background(f"{task}-{name}", coro)
+    response = jsonify({"ok": True, "name": name, "state": state})
+    response.status_code = 202
+    return response
+
+
 @blueprint.post("/api/models/<name>/download")
 async def download_model(name: str) -> Response:
     models = services().models
-    name = _model_name(name)
-    try:
-        models.check_name(name)
-    except ModelError as exc:
-        raise _model_error(exc) from None
+    name = _known_model_name(name)
     if name in models.downloads:
         raise APIError(409, "download_running", f"model {name!r} is already downloading")
 
@@ -249,20 +263,13 @@ async def download_model(name: str) -> Response:
             models.errors[name] = exc.message
             log.warning("download of %s failed: %s", name, exc.message)
 
-    _background(f"download-{name}", run())
-    response = jsonify({"ok": True, "name": name, "state": "downloading"})
-    response.status_code = 202
-    return response
+    return _accepted(name, "download", "downloading", run())
 
 
 @blueprint.post("/api/models/<name>/load")
 async def load_model(name: str) -> Response:
     models = services().models
-    name = _model_name(name)
-    try:
-        models.check_name(name)
-    except ModelError as exc:
-        raise _model_error(exc) from None
+    name = _known_model_name(name)
     if models.locate(name) is None:
         raise APIError(409, "model_not_available", f"model {name!r} is not downloaded yet")
 
@@ -273,10 +280,7 @@ async def load_model(name: str) -> Response:
         except ModelError as exc:
             log.warning("loading %s failed: %s", name, exc.message)
 
-    _background(f"load-{name}", run())
-    response = jsonify({"ok": True, "name": name, "state": "loading"})
-    response.status_code = 202
-    return response
+    return _accepted(name, "load", "loading", run())
 
 
 @blueprint.delete("/api/models/<name>")

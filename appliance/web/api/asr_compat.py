@@ -51,7 +51,7 @@ from appliance.web.api.options import (
     build_options,
     parse_language,
 )
-from appliance.web.api.submit import raise_for_job, resolve_model, submit
+from appliance.web.api.submit import not_audio, resolve_model, run
 from appliance.web.errors import APIError, describe_validation, validation_problems
 from appliance.web.services import services
 from appliance.web.upload import TEMP_PREFIX, Upload, receive_upload, safe_filename
@@ -228,12 +228,7 @@ async def _prepare_audio(upload: Upload, *, encode: bool, seconds: float | None 
             max_bytes = None if seconds is None else round(seconds * SAMPLE_RATE) * 2
             path = await asyncio.to_thread(_pcm_to_wav, upload.file_path, tmp_dir, max_bytes)
     except audio.AudioRejectedError as exc:
-        upload.discard()
-        raise APIError(
-            415,
-            "unsupported_audio",
-            f"{upload.file_name or 'the file'} is not audio FFmpeg can decode: {exc}",
-        ) from None
+        raise not_audio(upload, exc) from None
     except (OSError, struct.error, wave.Error) as exc:
         upload.discard()
         raise APIError(413, "file_too_large", f"cannot convert the audio: {exc}") from None
@@ -355,13 +350,9 @@ async def asr(query_args: AsrQuery) -> Response:
     except APIError:
         upload.discard()
         raise
-    job = await submit(upload, model=model, options=options, source="asr")
-    await services().jobs.wait(job)
-    raise_for_job(job)
-    if job.result is None:
-        raise APIError(404, "result_not_found", "the transcript was deleted from the history")
+    result = await run(upload, model=model, options=options, source="asr")
     output = query.output
-    body = render(job.result, output, language)
+    body = render(result, output, language)
     response = Response(body, content_type="text/plain; charset=utf-8")
     response.headers["Asr-Engine"] = _engine_name()
     filename = quote(attachment)
@@ -389,16 +380,12 @@ async def detect_language(query_args: DetectQuery) -> Response:
     except APIError:
         upload.discard()
         raise
-    job = await submit(upload, model=model, options=options, source="asr")
-    await services().jobs.wait(job)
-    raise_for_job(job)
-    if job.result is None:
-        raise APIError(404, "result_not_found", "the transcript was deleted from the history")
-    code = job.result.language
+    result = await run(upload, model=model, options=options, source="asr")
+    code = result.language
     return jsonify(
         {
             "detected_language": LANGUAGE_NAMES.get(code, code),
             "language_code": code,
-            "confidence": job.result.language_probability,
+            "confidence": result.language_probability,
         }
     )

@@ -17,21 +17,21 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
-from quart import Blueprint, Response, jsonify, make_response
+from quart import Blueprint, Response, jsonify
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance.core import formats
 from appliance.core.engines.base import TranscribeOptions
 from appliance.core.jobs import Job
 from appliance.web.api.options import (
+    DecodingFields,
     FormBool,
     Language,
-    SpeakerFields,
     Temperature,
     Text,
-    build_options,
+    one_of,
 )
-from appliance.web.api.submit import raise_for_job, receive, resolve_model, submit
+from appliance.web.api.submit import event_stream, raise_for_job, receive, resolve_model, submit
 from appliance.web.errors import APIError
 from appliance.web.services import services
 
@@ -45,13 +45,7 @@ def _response_format(value: object) -> object:
         return "json"
     if not isinstance(value, str):
         return value
-    fmt = value.strip() or "json"
-    if fmt not in RESPONSE_FORMATS:
-        raise PydanticCustomError(
-            "invalid_response_format",
-            f"must be one of {', '.join(RESPONSE_FORMATS)}, not {str(value)[:40]!r}",
-        )
-    return fmt
+    return one_of(value, value.strip() or "json", RESPONSE_FORMATS, "invalid_response_format")
 
 
 def _as_list(value: object) -> object:
@@ -64,7 +58,7 @@ ResponseFormat = Annotated[
 ]
 
 
-class OpenAITranslationForm(SpeakerFields):
+class OpenAITranslationForm(DecodingFields):
     """OpenAI's `/v1/audio/translations` form, plus faster-whisper servers' extra fields."""
 
     file: bytes | None = Field(None, description="Audio file")
@@ -108,17 +102,7 @@ class OpenAITranslationForm(SpeakerFields):
         return self.word_timestamps or "word" in self.timestamp_granularities
 
     def options(self, task: str, language: str | None = None) -> TranscribeOptions:
-        return build_options(
-            language=language,
-            task=task,
-            word_timestamps=self.words,
-            prompt=self.prompt,
-            temperature=self.temperature,
-            vad_filter=self.vad_filter,
-            batched=self.batched,
-            hotwords=self.hotwords,
-            **self.speakers(),
-        )
+        return self.decoding(language, task, words=self.words, temperature=self.temperature)
 
 
 class OpenAITranscriptionForm(OpenAITranslationForm):
@@ -271,17 +255,7 @@ async def _stream(job: Job) -> Response:
             code, message = exc.code, exc.message
         yield _sse({"type": "error", "error": {"code": code, "message": message}})
 
-    response = await make_response(
-        events(),
-        200,
-        {
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        },
-    )
-    response.timeout = None  # type: ignore[union-attr]
-    return response  # type: ignore[return-value]
+    return await event_stream(events())
 
 
 @blueprint.post("/audio/transcriptions")

@@ -10,6 +10,7 @@ pydantic's own; `appliance.web.errors` renders either as a 400 naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Self
 
 from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -88,12 +89,16 @@ def _format(value: object) -> object:
         raise PydanticUseDefault
     if not isinstance(value, str):
         return value
-    fmt = value.strip().lower()
-    if fmt not in FORMATS:
+    return one_of(value, value.strip().lower(), FORMATS, "invalid_format")
+
+
+def one_of(value: object, text: str, allowed: Sequence[str], code: str) -> str:
+    """`text` (the normalised `value`) if it is in `allowed`, else the validation error `code`."""
+    if text not in allowed:
         raise PydanticCustomError(
-            "invalid_format", f"must be one of {', '.join(FORMATS)}, not {_quoted(value)}"
+            code, f"must be one of {', '.join(allowed)}, not {_quoted(value)}"
         )
-    return fmt
+    return text
 
 
 def _form_bool(value: object) -> object:
@@ -187,6 +192,40 @@ class SpeakerFields(FormModel):
         }
 
 
+class DecodingFields(SpeakerFields):
+    """The decoding fields `/transcribe`, `/api/jobs` and OpenAI's `/v1/audio/*` share (those
+    forms may describe them in their own words), and the engine options they make."""
+
+    word_timestamps: FormBool = Field(False, description="Include word timestamps")
+    vad_filter: FormBool = Field(False, description="Skip silence with Silero VAD")
+    batched: FormBool = Field(
+        False, description="Long files: batched VAD-chunked decoding (default false: sequential)"
+    )
+    prompt: Text = Field(None, description="Initial prompt (names, spelling)")
+    hotwords: Text = Field(None, description="Words to favour")
+
+    def decoding(
+        self,
+        language: str | None,
+        task: str,
+        *,
+        words: bool | None = None,
+        temperature: float | None = None,
+    ) -> TranscribeOptions:
+        """The engine options; `words` (word timestamps) defaults to the field."""
+        return build_options(
+            language=language,
+            task=task,
+            word_timestamps=self.word_timestamps if words is None else words,
+            vad_filter=self.vad_filter,
+            batched=self.batched,
+            prompt=self.prompt,
+            hotwords=self.hotwords,
+            temperature=temperature,
+            **self.speakers(),
+        )
+
+
 def build_options(
     *,
     language: str | None,
@@ -205,7 +244,7 @@ def build_options(
 ) -> TranscribeOptions:
     """Values of a request model -> the engine's options (raw ones are checked by the same
     rules: `APIError` 400). `batched` decodes long files in VAD-chunked batches over every
-    core, false (the default) with Whisper's sequential decoding (README, "Models"); no
+    core, false (the default) with Whisper's sequential decoding (docs/use/models.md); no
     temperature means Whisper's fallback schedule."""
     temp: float | tuple[float, ...] = (
         (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if temperature is None else temperature

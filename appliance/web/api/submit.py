@@ -1,15 +1,17 @@
-"""From an upload to a queued job: probe the content, check the model, submit."""
+"""From an upload to a queued job: probe the content, check the model, submit; wait for it or
+stream its events."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from pydantic import BaseModel
-from quart import request
+from quart import Response, make_response, request
 
 from appliance.core import audio, diarize
-from appliance.core.engines.base import TranscribeOptions
+from appliance.core.engines.base import TranscribeOptions, Transcript
 from appliance.core.jobs import Job, JobStoreError, QueueFullError
 from appliance.core.model_manager import ModelError
 from appliance.web import outbound
@@ -90,7 +92,8 @@ async def submit(
             503,
             "diarization_unavailable",
             "speaker diarization needs the speaker model: run"
-            " `python -m appliance.core.diarize fetch DATA_DIR` once (README: Who said what)",
+            " `python -m appliance.core.diarize fetch DATA_DIR` once"
+            " (see /help/use/diarization.html)",
         )
     try:
         info = await asyncio.to_thread(
@@ -100,12 +103,7 @@ async def submit(
         upload.discard()
         raise APIError(exc.status, exc.code, f"{upload.file_name or 'the file'}: {exc}") from None
     except audio.NotAudioError as exc:
-        upload.discard()
-        raise APIError(
-            415,
-            "unsupported_audio",
-            f"{upload.file_name or 'the file'} is not audio FFmpeg can decode: {exc}",
-        ) from None
+        raise not_audio(upload, exc) from None
     job = Job(
         model=model,
         options=options,
@@ -123,6 +121,42 @@ async def submit(
         ) from None
     except JobStoreError as exc:  # the database or the disk refused it: not accepted
         raise APIError(503, "job_not_stored", str(exc), headers={"Retry-After": "10"}) from None
+
+
+def not_audio(upload: Upload, exc: audio.AudioRejectedError) -> APIError:
+    """The 415 for a file FFmpeg cannot decode; the upload's temp file is deleted."""
+    upload.discard()
+    return APIError(
+        415,
+        "unsupported_audio",
+        f"{upload.file_name or 'the file'} is not audio FFmpeg can decode: {exc}",
+    )
+
+
+async def run(upload: Upload, *, model: str, options: TranscribeOptions, source: str) -> Transcript:
+    """Queue the upload (as `submit`), wait for it and return its transcript: the API error of
+    a failed job, 404 if the transcript was deleted from the history meanwhile."""
+    job = await submit(upload, model=model, options=options, source=source)
+    await services().jobs.wait(job)
+    raise_for_job(job)
+    if job.result is None:
+        raise APIError(404, "result_not_found", "the transcript was deleted from the history")
+    return job.result
+
+
+async def event_stream(events: AsyncIterator[bytes]) -> Response:
+    """A server-sent events response: no timeout, no caching, no buffering by a proxy."""
+    response = await make_response(
+        events,
+        200,
+        {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    response.timeout = None  # type: ignore[union-attr]
+    return response  # type: ignore[return-value]
 
 
 def raise_for_job(job: Job) -> None:

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, Field
-from quart import Blueprint, Response, jsonify, make_response
+from quart import Blueprint, Response, jsonify
 from quart_schema import (
     DataSource,
     document_request,
@@ -20,23 +20,20 @@ from appliance.core.engines.base import TranscribeOptions
 from appliance.core.jobs import Job
 from appliance.web import webhooks
 from appliance.web.api.options import (
-    FormBool,
+    DecodingFields,
     FormModel,
     Language,
     OutputFormat,
-    SpeakerFields,
     Task,
-    Text,
-    build_options,
 )
-from appliance.web.api.submit import raise_for_job, receive, resolve_model, submit
+from appliance.web.api.submit import event_stream, raise_for_job, receive, resolve_model, submit
 from appliance.web.errors import APIError
 from appliance.web.services import services
 
 blueprint = Blueprint("transcribe", __name__)
 
 
-class TranscribeForm(SpeakerFields):
+class TranscribeForm(DecodingFields):
     """multipart/form-data fields of a transcription request (`/transcribe`, `/api/jobs`)."""
 
     file: bytes | None = Field(
@@ -52,25 +49,9 @@ class TranscribeForm(SpeakerFields):
     language: Language = Field(None, description="ISO 639-1 code or 'auto'")
     task: Task = Field("transcribe", description="transcribe or translate (to English)")
     format: OutputFormat = Field("json", description="json, txt, srt, vtt or tsv")
-    word_timestamps: FormBool = Field(False, description="Include word timestamps")
-    vad_filter: FormBool = Field(False, description="Skip silence with Silero VAD")
-    batched: FormBool = Field(
-        False, description="Long files: batched VAD-chunked decoding (default false: sequential)"
-    )
-    prompt: Text = Field(None, description="Initial prompt (names, spelling)")
-    hotwords: Text = Field(None, description="Words to favour")
 
     def options(self) -> TranscribeOptions:
-        return build_options(
-            language=self.language,
-            task=self.task,
-            word_timestamps=self.word_timestamps,
-            vad_filter=self.vad_filter,
-            batched=self.batched,
-            prompt=self.prompt,
-            hotwords=self.hotwords,
-            **self.speakers(),
-        )
+        return self.decoding(self.language, self.task)
 
 
 class ResultQuery(FormModel):
@@ -216,14 +197,4 @@ async def job_events(job_id: str) -> Response:
             name = "done" if job.state.finished else "progress"
             yield f"event: {name}\ndata: {json.dumps(snapshot)}\n\n".encode()
 
-    response = await make_response(
-        stream(),
-        200,
-        {
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        },
-    )
-    response.timeout = None  # type: ignore[union-attr]
-    return response  # type: ignore[return-value]
+    return await event_stream(stream())

@@ -5,7 +5,7 @@
 - the speech side lives in `appliance.core.live`: `vad` (streaming Silero VAD), `decoder` (one
   utterance to text), `session` (the socket-free `LiveTranscriber` and its driver).
 
-The protocol is documented in README.md ("Live protocol").
+The protocol is documented in docs/reference/live-protocol.md.
 """
 
 from __future__ import annotations

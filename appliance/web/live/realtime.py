@@ -9,7 +9,7 @@ the cleanup on a dropped connection and the history entry (source `realtime`). A
 rate limit of live sessions are `appliance.web.security.websocket_refusal`, run after accepting so
 that a refusal is an OpenAI `error` event.
 
-Mapping (README "Realtime transcription"): the client's 24 kHz PCM16 is resampled to 16 kHz by
+Mapping (docs/reference/live-protocol.md): the client's 24 kHz PCM16 is resampled to 16 kHz by
 FFmpeg's resampler (as `appliance.core.audio` does); with `server_vad` turn detection an item is a
 turn of the live VAD (`vad` speech → `input_audio_buffer.speech_started`, silence →
 `speech_stopped`, `committed`, `conversation.item.created`); `delta` events carry the words the
@@ -176,7 +176,7 @@ def _number(
 
 @blueprint.websocket("/v1/realtime")
 async def realtime_socket() -> None:
-    """OpenAI Realtime transcription sessions; the protocol is in README.md."""
+    """OpenAI Realtime transcription sessions; docs/reference/live-protocol.md."""
     await RealtimeConnection().serve()
 
 

@@ -160,7 +160,7 @@ async def live_status() -> Response:
 
 @blueprint.websocket("/ws/live")
 async def live_socket() -> None:
-    """Live transcription; the protocol is in README.md."""
+    """Live transcription; the protocol is in docs/reference/live-protocol.md."""
     await LiveConnection(services(), registry()).serve()
 
 

@@ -30,6 +30,28 @@ export async function api(method, url, body) {
   return data;
 }
 
+/** POST a FormData showing upload progress in the <progress> `bar` (fetch has none);
+ * resolves to {ok, status, reply} (reply: the JSON answer, {} if none). */
+export function upload(url, data, bar) {
+  return new Promise((resolve) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", url);
+    xhr.setRequestHeader("X-CSRF-Token", csrf);
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total;
+    });
+    xhr.addEventListener("loadend", () => {
+      bar.hidden = true;
+      let reply = {};
+      try { reply = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+      resolve({ ok: xhr.status >= 200 && xhr.status < 300, status: xhr.status, reply });
+    });
+    bar.hidden = false;
+    bar.value = 0;
+    xhr.send(data);
+  });
+}
+
 /** Show a status line above the page content; kind is "ok" or "error". */
 export function say(text, kind = "ok") {
   const box = document.getElementById("message");

@@ -1,4 +1,4 @@
-import { api, el, say } from "./common.js";
+import { api, el, say, upload } from "./common.js";
 
 const body = document.getElementById("models");
 let timer = null;
@@ -77,28 +77,15 @@ document.getElementById("import-form").addEventListener("submit", (event) => {
   const data = new FormData();
   data.append("name", form.elements.name.value.trim());
   data.append("file", form.elements.file.files[0]);
-  // XMLHttpRequest for upload progress (fetch has none)
-  const xhr = new XMLHttpRequest();
-  xhr.open("POST", "/admin/api/models/import");
-  xhr.setRequestHeader("X-CSRF-Token", document.querySelector('meta[name="csrf-token"]').content);
-  xhr.upload.addEventListener("progress", (e) => {
-    if (e.lengthComputable) progress.value = (100 * e.loaded) / e.total;
-  });
-  xhr.addEventListener("loadend", () => {
-    progress.hidden = true;
-    let reply = {};
-    try { reply = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
-    if (xhr.status >= 200 && xhr.status < 300) {
+  upload("/admin/api/models/import", data, progress).then(({ ok, status, reply }) => {
+    if (ok) {
       say(`Imported ${reply.name}.`);
       form.reset();
     } else {
-      say(reply.error?.message ?? `Import failed (HTTP ${xhr.status})`, "error");
+      say(reply.error?.message ?? `Import failed (HTTP ${status})`, "error");
     }
     refresh();
   });
-  progress.hidden = false;
-  progress.value = 0;
-  xhr.send(data);
 });
 
 refresh();

@@ -1,6 +1,6 @@
 // The Updates page: check, apply, upload, roll back; the updater's progress is polled from
 // GET /admin/api/updates while a request is pending or running.
-import { api, el, fill, say, when } from "./common.js";
+import { api, el, fill, say, upload, when } from "./common.js";
 
 const POLL_MS = 2000;
 const DONE = { succeeded: "ok", rolled_back: "error", failed: "error", refused: "error", rollback_failed: "error" };
@@ -138,28 +138,15 @@ document.getElementById("upload-form").addEventListener("submit", (event) => {
   const progress = document.getElementById("upload-progress");
   const data = new FormData();
   data.append("file", file);
-  // XMLHttpRequest for upload progress (fetch has none)
-  const xhr = new XMLHttpRequest();
-  xhr.open("POST", "/admin/api/updates/upload");
-  xhr.setRequestHeader("X-CSRF-Token", document.querySelector('meta[name="csrf-token"]').content);
-  xhr.upload.addEventListener("progress", (e) => {
-    if (e.lengthComputable) progress.value = (100 * e.loaded) / e.total;
-  });
-  xhr.addEventListener("loadend", () => {
-    progress.hidden = true;
-    let reply = {};
-    try { reply = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
-    if (xhr.status >= 200 && xhr.status < 300) {
+  upload("/admin/api/updates/upload", data, progress).then(({ ok, status, reply }) => {
+    if (ok) {
       say(`Uploaded ${file.name}; update requested.`);
       form.reset();
     } else {
-      say(reply.error?.message ?? `Upload failed (HTTP ${xhr.status})`, "error");
+      say(reply.error?.message ?? `Upload failed (HTTP ${status})`, "error");
     }
     refresh().catch((error) => say(error.message, "error"));
   });
-  progress.hidden = false;
-  progress.value = 0;
-  xhr.send(data);
 });
 
 refresh().then(check).catch((error) => say(error.message, "error"));

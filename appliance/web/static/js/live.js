@@ -1,5 +1,5 @@
 // Live panel: microphone -> AudioWorklet (16 kHz PCM) -> /ws/live; partial text (grey) that
-// turns into final text per utterance. Protocol: README.md, "Live protocol".
+// turns into final text per utterance. Protocol: docs/reference/live-protocol.md.
 import { clock, el } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
