@@ -35,13 +35,17 @@ RUN set -eux; \
 
 # The wheelhouse is bind-mounted, not copied: ~330 MB of wheels leave no layer behind. Build
 # caches ignore bind-mounted content, so its checksum list is copied first: a new wheelhouse
-# invalidates the install step (and the image records what it was built from).
+# invalidates the install step (and the image records what it was built from). The locked
+# dependencies are installed hash-checked (the wheelhouse's copy of requirements.lock), then
+# the appliance wheel, built by `make dist` and so without a hash known in advance, alone.
 COPY dist/wheelhouse/SHA256SUMS dist/wheelhouse/VERSION /opt/whisper-appliance/
 RUN --mount=type=bind,source=dist/wheelhouse,target=/wheelhouse \
     set -eux; \
     python3 -m venv /opt/whisper-appliance/venv; \
-    PIP_NO_INDEX=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        /opt/whisper-appliance/venv/bin/pip install --find-links /wheelhouse \
+    export PIP_NO_INDEX=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1; \
+    /opt/whisper-appliance/venv/bin/pip install --find-links /wheelhouse --require-hashes \
+        -r /wheelhouse/requirements.lock; \
+    /opt/whisper-appliance/venv/bin/pip install --find-links /wheelhouse --no-deps \
         "whisper-appliance==$(cat /wheelhouse/VERSION)"; \
     /opt/whisper-appliance/venv/bin/pip uninstall -y pip; \
     whisper-appliance --version

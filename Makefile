@@ -47,7 +47,7 @@ soak: setup ## Soak only: mixed uploads, live, history, admin for SOAK_MINUTES (
 	$(PY) -m bench.soak --check
 
 .PHONY: lock
-lock: ## Re-pin requirements.lock from a fresh resolve of pyproject.toml (maintainers only)
+lock: ## Re-pin the lock files (with sha256 hashes) from a fresh resolve of pyproject.toml (maintainers only)
 	bash scripts/lock.sh
 
 .PHONY: clean

@@ -1,4 +1,4 @@
-# Proxmox CT template of the appliance (README.md, "Use the image"): scripts/image/build.sh
+# Proxmox CT template of the appliance (docs/install/ct-template.md): scripts/image/build.sh
 # provisions a build CT with playbooks/provision.yml, strips every per-instance secret and packs
 # dist/image/whisper-appliance-<version>-debian-12_amd64.tar.zst + .sha256 (root, LXC).
 
@@ -7,8 +7,9 @@ TEST_EXTRA += test-image
 IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n1)
 CT_IMAGE := dist/image/whisper-appliance-$(IMAGE_VERSION)-debian-12_amd64.tar.zst
 
-# A wheelhouse older than the code it was built from is rebuilt first (make dist).
-dist/wheelhouse/VERSION: $(wildcard $(shell git ls-files appliance pyproject.toml requirements.lock 2>/dev/null))
+# A wheelhouse older than the code, the lock or the script it was built from is rebuilt first
+# (make dist).
+dist/wheelhouse/VERSION: $(wildcard $(shell git ls-files appliance pyproject.toml requirements.lock scripts/dist.sh 2>/dev/null))
 
 .PHONY: image
 image: dist/wheelhouse/VERSION collections ## Proxmox CT template dist/image/*.tar.zst + .sha256 (root; skipped when up to date)

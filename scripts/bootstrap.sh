@@ -70,13 +70,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if need_stamp venv requirements.lock requirements-dev.lock pyproject.toml; then
   msg "installing locked dependencies"
-  pip_quiet install -q -r requirements.lock -r requirements-dev.lock
+  pip_quiet install -q --require-hashes -r requirements.lock -r requirements-dev.lock
+  # the checkout itself has no hash to check: on its own, its dependencies installed above
   pip_quiet install -q --no-deps -e .
   touch "$STAMPS/venv"
 fi
 if [ "${WITH_OPENAI_WHISPER:-1}" = 1 ] && need_stamp openai-whisper requirements-openai-whisper.lock; then
   msg "installing the openai-whisper reference engine (torch CPU)"
-  pip_quiet install -q --no-deps -r requirements-openai-whisper.lock
+  pip_quiet install -q --require-hashes --no-deps -r requirements-openai-whisper.lock
   touch "$STAMPS/openai-whisper"
 fi
 

@@ -136,6 +136,8 @@ def wheelhouse_with(base: Path, wheel: Path, version_text: str, dest: Path) -> P
     (dest / "SHA256SUMS").write_text("\n".join(sorted(sums, key=lambda s: s.split()[-1])) + "\n")
     (dest / "VERSION").write_text(version_text + "\n")
     shutil.copy2(base / "PYTHON", dest / "PYTHON")
+    if (base / "requirements.lock").is_file():  # the hashed pins the updater installs first
+        link(base / "requirements.lock", dest / "requirements.lock")
     return dest
 
 

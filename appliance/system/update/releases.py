@@ -189,22 +189,29 @@ class ReleaseTree:
             shutil.rmtree(target)
         target.mkdir(parents=True)
         try:
-            steps = [
-                [python, "-I", "-m", "venv", str(target / "venv")],
-                [
-                    str(target / "venv" / "bin" / "python"),
-                    "-I",
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--no-index",
-                    "--no-cache-dir",
-                    "--find-links",
-                    str(wheelhouse),
-                    f"whisper-appliance=={version}",
-                ],
+            pip = [
+                str(target / "venv" / "bin" / "python"),
+                "-I",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-index",
+                "--no-cache-dir",
+                "--find-links",
+                str(wheelhouse),
             ]
+            steps = [[python, "-I", "-m", "venv", str(target / "venv")]]
+            lock = wheelhouse / "requirements.lock"
+            if lock.is_file():
+                # the release's pins with their hashes first (the lock came in the verified
+                # tarball), then the appliance's own wheel alone: its hash is not in the lock
+                steps += [
+                    [*pip, "--require-hashes", "-r", str(lock)],
+                    [*pip, "--no-deps", f"whisper-appliance=={version}"],
+                ]
+            else:  # a release built before the locks carried hashes
+                steps.append([*pip, f"whisper-appliance=={version}"])
             for argv in steps:
                 result = subprocess.run(
                     argv,
