@@ -13,8 +13,8 @@ both engines use every core):
 
 - `faster-whisper sequential`: `WhisperModel.transcribe` (beam 5, temperature fallback,
   conditioned on the previous text), as the service decodes with `batched=false`;
-- `faster-whisper batched`: the service's batched file path (`batched=true`, opt-in for now):
-  Silero VAD chunks decoded in batches spread over every core
+- `faster-whisper batched`: the service's default file path (`batched=true`): Silero VAD
+  chunks (pauses under 2 s kept) decoded in batches spread over every core
   (`appliance.core.engines.faster_whisper_engine`);
 - `openai-whisper fp32`: the same model converted, `whisper.transcribe` with its defaults.
 

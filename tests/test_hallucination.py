@@ -1,10 +1,10 @@
 """No text where there is no speech (issue 13, item 2): `appliance.core.engines.windowed.guard`.
 
 A real recording with long pauses (the real clips, separated by 12-20 s of digital silence or
--40 dBFS noise, 25 s of silence at the end) is transcribed ten times each way, batched and
-sequential, one test per run (temperature fallback samples, so one run proves little); no
-segment may lie past the end of the audio or in the silent tail, and no run of 6 words may
-repeat more than 3 times in a row. The guard itself is then driven with a model that
+-40 dBFS noise, 25 s of silence at the end) is transcribed ten times each way, batched (the
+default for files) and sequential, one test per run (temperature fallback samples, so one run
+proves little); no segment may lie past the end of the audio or in the silent tail, and no run
+of 6 words may repeat more than 3 times in a row. The guard itself is then driven with a model that
 hallucinates on purpose.
 """
 

@@ -36,9 +36,9 @@ class TranscribeOptions:
     beam_size: int = 5
     condition_on_previous_text: bool = True
     # Long files: VAD-chunked batched decoding (faster-whisper), spread over every core the
-    # job may use; opt-in until it never drops speech (docs/use/models.md). False: Whisper's
-    # sequential decoding.
-    batched: bool = False
+    # job may use — the default for files (docs/use/models.md). False: Whisper's sequential
+    # decoding.
+    batched: bool = True
     # speaker diarization after transcription (appliance/core/diarize.py); engines ignore these
     diarize: bool = False
     num_speakers: int | None = None

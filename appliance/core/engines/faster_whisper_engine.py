@@ -4,33 +4,43 @@ The model is loaded as `workers` CTranslate2 replicas of `cpu_threads` threads e
 core by default); a call runs on whichever replica is free, and calls beyond the replicas wait
 in CTranslate2's queue, so the cores are never oversubscribed.
 
-Files (`TranscribeOptions.batched`, the default) are decoded by faster-whisper's
-`BatchedInferencePipeline`: Silero VAD cuts the speech into chunks of up to 30 s, and chunks are
-decoded in batches. Each batch is split over every replica (`_Pipeline.forward`), so a lone job
-uses every core while concurrent jobs share them through the queue. Segments are yielded batch
-by batch, as they are decoded. Two guards keep batched text at sequential quality:
+Files (`TranscribeOptions.batched`, the default for files) are decoded by faster-whisper's
+`BatchedInferencePipeline`. Silero VAD finds the speech and `speech_plan` cuts out only pauses of
+2 s or more: shorter pauses stay in the audio decoded, because the VAD now and then scores a
+soft word after a pause under its threshold (JFK's "ask" in "... Americans, ask not", lost when
+every pause was cut out). The rest is cut into chunks of up to 30 s at the longest pause after
+15 s, and chunks are decoded in batches. Each batch is split over the replicas the
+transcription may use (`FasterWhisperModel.share`): all of them when it runs alone, an equal
+share when several run at once, so concurrent jobs never oversubscribe the cores. Segments are
+yielded batch by batch, as they are decoded. Two guards keep batched text at sequential quality:
 
 - **dropped speech**: decoding a chunk without timestamps sometimes ends early (the model emits
-  end-of-text after a change of voice and the rest of the chunk is lost: 10 % WER instead of
-  3.6 % on the bench's long recording). A chunk whose text is much shorter for its speech than
-  the recording's other chunks (tokens per second of speech) is decoded again with Whisper's
-  sequential algorithm (timestamps, seeking past what was decoded) and the longer text wins;
+  end-of-text after a change of voice and the rest of the chunk is lost). A chunk is decoded
+  again with Whisper's sequential algorithm (timestamps, seeking past what was decoded), and
+  the longer text wins, when its words (cross-attention alignment, one cheap decoder pass)
+  leave more than `MAX_UNCOVERED` seconds of it uncovered, or when its text is much shorter
+  for its speech than the recording's other chunks (tokens per second of speech);
 - **loops**: a chunk whose text compresses too well (a repetition loop) is decoded again the
   same way.
 
-Audio of 30 s or less (one window) is decoded sequentially: there is nothing to batch.
+Audio of 30 s or less (one window) is decoded sequentially: there is nothing to batch; so is
+audio in which the VAD finds no speech (Whisper's own no-speech check decides).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from faster_whisper import BatchedInferencePipeline
+from faster_whisper.transcribe import restore_speech_timestamps
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from appliance.core.engines.base import (
     SAMPLE_RATE,
@@ -42,13 +52,22 @@ from appliance.core.engines.base import (
 )
 
 BATCHED_MIN_SECONDS = 30.0  # shorter audio is one Whisper window: decoded sequentially
-CHUNKS_PER_REPLICA = 4  # batch size = this x the replicas a job may use
-# VAD for batched decoding: faster-whisper's batched defaults (160 ms of silence ends a piece
-# of speech) but 300 ms of padding instead of 400: on the bench recording 400 ms joined more
-# voices per chunk and lost more speech (measured WER 10.4 % at 400, 1.6 % at 300, 3.9 % at 200)
+# batch size = this x the replicas a job may use (`share`): on 2 cores, 4 per replica cost the
+# same CPU as 2 (12.7 s vs 12.3 s for 8.5 minutes, 1: 14.0 s) and stream half as often
+CHUNKS_PER_REPLICA = 2
+# VAD pieces for batched decoding: faster-whisper's batched defaults (160 ms of silence ends a
+# piece of speech), 300 ms of padding; `speech_plan` joins pieces less than
+# KEEP_PAUSE_SECONDS apart (measured on long_wav, the bench's 6.5 minutes and two more
+# recordings, tiny.en: 1 s lost more words, 3 s gave higher WER; 2 s lost none)
 VAD_PARAMETERS: dict[str, Any] = {"min_silence_duration_ms": 160, "speech_pad_ms": 300}
+CHUNK_SECONDS = 30.0  # one Whisper window
+MIN_CHUNK_SECONDS = 15.0  # a chunk ends at the longest pause between this and CHUNK_SECONDS
+KEEP_PAUSE_SECONDS = 2.0  # pauses between VAD pieces shorter than this stay in the audio decoded
 REDO_RATE = 0.75  # a chunk under 3/4 of the median tokens per second of speech is decoded again
 REDO_MIN_SPEECH = 8.0  # seconds of speech a chunk needs before its rate is judged
+# the kept audio has no pause over KEEP_PAUSE_SECONDS + 2 x 300 ms of padding: a longer stretch
+# of a chunk without a word (word times are good to about 0.5 s) is speech the decode dropped
+MAX_UNCOVERED = 3.5
 LOOP_COMPRESSION = 2.4  # Whisper's compression_ratio_threshold: above it, a repetition loop
 
 
@@ -65,6 +84,8 @@ class FasterWhisperModel:
         from faster_whisper import WhisperModel
 
         self.replicas = max(1, workers)
+        self._lock = threading.Lock()
+        self._running = 0  # transcriptions being decoded now (they share the replicas)
         # num_workers lets `workers` threads transcribe with this one model at the same time.
         self._model = WhisperModel(
             str(model_dir),
@@ -86,11 +107,36 @@ class FasterWhisperModel:
     def is_multilingual(self) -> bool:
         return bool(self._model.model.is_multilingual)
 
+    def share(self, starting: int = 0) -> int:
+        """The replicas (cores) one transcription may use now: all of them when it runs
+        alone, an equal share when several run at once (at least one). `starting`: more
+        transcriptions about to run."""
+        with self._lock:
+            return max(1, self.replicas // max(1, self._running + starting))
+
+    def _counted(self, segments: Iterator[Segment]) -> Iterator[Segment]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield from segments
+        finally:
+            with self._lock:
+                self._running -= 1
+
     def transcribe(
         self, audio: Audio, options: TranscribeOptions
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
-        if options.batched and audio.shape[0] > BATCHED_MIN_SECONDS * SAMPLE_RATE:
-            return self._transcribe_batched(audio, options)
+        long = options.batched and audio.shape[0] > BATCHED_MIN_SECONDS * SAMPLE_RATE
+        spans, clips = speech_plan(audio) if long else ([], [])
+        if spans:
+            info, segments = self._transcribe_batched(audio, spans, clips, options)
+        else:  # one window, sequential asked for, or no speech: Whisper's no-speech check
+            info, segments = self._transcribe_sequential(audio, options)
+        return info, self._counted(segments)
+
+    def _transcribe_sequential(
+        self, audio: Audio, options: TranscribeOptions
+    ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
         segments, info = self._model.transcribe(
             audio,
             language=options.language,
@@ -107,13 +153,18 @@ class FasterWhisperModel:
         return result, (_segment(s) for s in segments)
 
     def _transcribe_batched(
-        self, audio: Audio, options: TranscribeOptions
+        self,
+        audio: Audio,
+        spans: list[dict[str, int]],
+        clips: list[dict[str, float]],
+        options: TranscribeOptions,
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
-        pipeline = _Pipeline(self._model, self.replicas)
+        kept = np.concatenate([audio[s["start"] : s["end"]] for s in spans])
+        pipeline = _Pipeline(self._model, self.share)
         temperature = options.temperature
         first = temperature[0] if isinstance(temperature, tuple) else temperature
         segments, info = pipeline.transcribe(
-            audio,
+            kept,
             language=options.language,
             task=options.task,
             word_timestamps=options.word_timestamps,
@@ -121,34 +172,87 @@ class FasterWhisperModel:
             hotwords=options.hotwords,
             temperature=first,  # the pipeline samples at one temperature only: no fallback
             beam_size=options.beam_size,
-            vad_filter=True,
-            vad_parameters=dict(VAD_PARAMETERS),
-            batch_size=CHUNKS_PER_REPLICA * self.replicas,
+            vad_filter=False,
+            clip_timestamps=clips,
+            batch_size=CHUNKS_PER_REPLICA * self.share(starting=1),
         )
-        result = TranscriptionInfo(info.language, float(info.language_probability), info.duration)
-        return result, (_segment(s) for s in segments)
+        duration = audio.shape[0] / SAMPLE_RATE
+        result = TranscriptionInfo(info.language, float(info.language_probability), duration)
+        restored = restore_speech_timestamps(segments, spans, SAMPLE_RATE)
+        return result, (_segment(s) for s in restored)
 
     def close(self) -> None:
         self._model.model.unload_model()
+
+
+def speech_plan(audio: Audio) -> tuple[list[dict[str, int]], list[dict[str, float]]]:
+    """What batched decoding decodes: `spans` of `audio` (samples) and `clips` (seconds).
+
+    Silero VAD finds the pieces of speech; pieces less than `KEEP_PAUSE_SECONDS` apart are
+    joined with the pause between them into one span, so only long pauses are cut out. The
+    spans, one after the other, are "the kept audio"; `clips` cut it into chunks of at most
+    `CHUNK_SECONDS`, each ending where a span ends or in the middle of a pause between two
+    pieces (the longest pause after `MIN_CHUNK_SECONDS`: between sentences, most likely), so
+    no audio between nearby speech is ever left out: the VAD scores a soft word after a pause
+    (JFK's "ask" in "... Americans, ask not") now and then under its threshold, and cutting
+    the pauses out would drop that word.
+    """
+    vad = VadOptions(**VAD_PARAMETERS, max_speech_duration_s=CHUNK_SECONDS)
+    keep_pause = round(KEEP_PAUSE_SECONDS * SAMPLE_RATE)
+    spans: list[dict[str, int]] = []
+    cuts: list[tuple[int, int]] = []  # (where a chunk may end in the kept audio, pause there)
+    kept = 0
+    for piece in get_speech_timestamps(audio, vad):
+        start, end = int(piece["start"]), int(piece["end"])
+        pause = start - spans[-1]["end"] if spans else 0
+        if spans and pause < keep_pause:
+            cuts.append((kept + pause // 2, pause))
+            kept += pause + end - start
+            spans[-1]["end"] = end
+        else:
+            if spans:
+                cuts.append((kept, pause))
+            spans.append({"start": start, "end": end})
+            kept += end - start
+    limit = round(CHUNK_SECONDS * SAMPLE_RATE)
+    shortest = round(MIN_CHUNK_SECONDS * SAMPLE_RATE)
+    clips: list[dict[str, float]] = []
+    begin = 0
+    while kept - begin > limit:
+        # the longest pause in the chunk's last part (the latest of equals): between sentences
+        fits = [(pause, at) for at, pause in cuts if begin + shortest <= at <= begin + limit]
+        stop = max(fits)[1] if fits else begin + limit
+        clips.append({"start": begin / SAMPLE_RATE, "end": stop / SAMPLE_RATE})
+        begin = stop
+    if kept > begin:
+        clips.append({"start": begin / SAMPLE_RATE, "end": kept / SAMPLE_RATE})
+    return spans, clips
 
 
 class _Pipeline(BatchedInferencePipeline):  # type: ignore[misc]
     """faster-whisper's batched pipeline with each batch spread over the model's replicas and
     the dropped-speech and loop guards of the module docstring. One per transcription."""
 
-    def __init__(self, model: Any, replicas: int) -> None:
+    def __init__(self, model: Any, share: Callable[[], int]) -> None:
         super().__init__(model)
-        self.replicas = replicas
+        self.share = share  # how many replicas a batch may be split over, asked per batch
         self.rates: list[float] = []  # tokens per second of speech of the chunks so far
 
     def forward(
         self, features: Any, tokenizer: Any, chunks_metadata: list[dict[str, Any]], options: Any
     ) -> list[list[dict[str, Any]]]:
+        # word times (cross-attention alignment, one cheap decoder pass) show how much of each
+        # chunk the text covers; they are dropped again unless the caller asked for them
+        timed = (
+            options
+            if options.word_timestamps
+            else dataclasses.replace(options, word_timestamps=True)
+        )
         count = len(chunks_metadata)
-        parts = min(self.replicas, count)
+        parts = min(self.share(), count)
         if parts <= 1:
             outputs: list[list[dict[str, Any]]] = BatchedInferencePipeline.forward(
-                self, features, tokenizer, chunks_metadata, options
+                self, features, tokenizer, chunks_metadata, timed
             )
         else:
             bounds = [round(i * count / parts) for i in range(parts + 1)]
@@ -157,7 +261,7 @@ class _Pipeline(BatchedInferencePipeline):  # type: ignore[misc]
                 lo, hi = bounds[i], bounds[i + 1]
                 return list(
                     BatchedInferencePipeline.forward(
-                        self, features[lo:hi], tokenizer, chunks_metadata[lo:hi], options
+                        self, features[lo:hi], tokenizer, chunks_metadata[lo:hi], timed
                     )
                 )
 
@@ -173,7 +277,9 @@ class _Pipeline(BatchedInferencePipeline):  # type: ignore[misc]
         median = statistics.median(self.rates) if len(self.rates) >= 3 else 0.0
         checked = []
         for i, output in enumerate(outputs):
-            short = speech[i] >= REDO_MIN_SPEECH and tokens[i] < REDO_RATE * median * speech[i]
+            short = (
+                speech[i] >= REDO_MIN_SPEECH and tokens[i] < REDO_RATE * median * speech[i]
+            ) or _uncovered(output, chunks_metadata[i]) > MAX_UNCOVERED
             looping = any(s["compression_ratio"] > LOOP_COMPRESSION for s in output)
             if not (short or looping):
                 checked.append(output)
@@ -226,6 +332,18 @@ class _Pipeline(BatchedInferencePipeline):  # type: ignore[misc]
                 ]
             found.append(item)
         return found
+
+
+def _uncovered(output: list[dict[str, Any]], meta: dict[str, Any]) -> float:
+    """The longest part of a chunk (seconds) that no decoded word lies in."""
+    start = float(meta["offset"])
+    end = start + float(meta["duration"])
+    longest, covered = 0.0, start
+    for segment in output:
+        for word in segment.get("words") or ():
+            longest = max(longest, float(word["start"]) - covered)
+            covered = max(covered, float(word["end"]))
+    return max(longest, end - covered)
 
 
 def _segment(s: object) -> Segment:

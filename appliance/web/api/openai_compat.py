@@ -77,7 +77,7 @@ class OpenAITranslationForm(DecodingFields):
     hotwords: Text = Field(None, description="Extra: words to favour (faster-whisper)")
     vad_filter: FormBool = Field(False, description="Extra: skip silence with Silero VAD")
     batched: FormBool = Field(
-        False, description="Extra: long files in VAD-chunked batches (default false: sequential)"
+        True, description="Extra: long files in VAD-chunked batches (default; false: sequential)"
     )
     word_timestamps: FormBool = Field(
         False, description="Extra: word timestamps (verbose_json then lists words)"

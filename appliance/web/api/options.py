@@ -199,7 +199,7 @@ class DecodingFields(SpeakerFields):
     word_timestamps: FormBool = Field(False, description="Include word timestamps")
     vad_filter: FormBool = Field(False, description="Skip silence with Silero VAD")
     batched: FormBool = Field(
-        False, description="Long files: batched VAD-chunked decoding (default false: sequential)"
+        True, description="Long files: batched VAD-chunked decoding (default; false: sequential)"
     )
     prompt: Text = Field(None, description="Initial prompt (names, spelling)")
     hotwords: Text = Field(None, description="Words to favour")
@@ -240,11 +240,11 @@ def build_options(
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     max_speakers: int | None = None,
-    batched: bool | str = False,
+    batched: bool | str = True,
 ) -> TranscribeOptions:
     """Values of a request model -> the engine's options (raw ones are checked by the same
-    rules: `APIError` 400). `batched` decodes long files in VAD-chunked batches over every
-    core, false (the default) with Whisper's sequential decoding (docs/use/models.md); no
+    rules: `APIError` 400). `batched` (the default) decodes long files in VAD-chunked batches
+    over every core, false with Whisper's sequential decoding (docs/use/models.md); no
     temperature means Whisper's fallback schedule."""
     temp: float | tuple[float, ...] = (
         (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if temperature is None else temperature
