@@ -43,6 +43,11 @@ lint-ansible: collections ## ansible-lint (production profile) and yamllint over
 	$(VENV)/bin/ansible-lint
 
 .PHONY: molecule
-molecule: collections dist ## Molecule on real LXC containers, scenarios default + proxmox side by side (root)
+molecule: collections dist ## Molecule on real LXC containers, scenarios default + proxmox + cluster side by side (root)
 	@[ "$$(id -u)" = 0 ] || { echo "molecule needs root (LXC containers, bridge, NAT)"; exit 1; }
 	bash molecule/run.sh
+
+.PHONY: molecule-cluster
+molecule-cluster: collections ## Molecule scenario cluster only: PostgreSQL, HAProxy, two stand-in nodes on real LXC (root)
+	@[ "$$(id -u)" = 0 ] || { echo "molecule needs root (LXC containers, bridge, NAT)"; exit 1; }
+	bash molecule/run.sh cluster
