@@ -41,6 +41,7 @@ ENV_MAPPINGS = {"env", "environ", "environment"}
 def settings_classes() -> list[type[BaseSettings]]:
     """Every settings model of the appliance (the service's, the updater's, any later one)."""
     import appliance.system.config
+    import appliance.system.update.settings  # the updater's (the web app never imports it)
     import appliance.web.app  # noqa: F401 - loads the modules that may define more
 
     found, todo = [], [BaseSettings]
