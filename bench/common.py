@@ -8,8 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / ".cache" / "clips"
@@ -122,3 +123,108 @@ def write_section(section: str, text: str, out: Path) -> None:
         tail = current[end:] if end >= 0 else ""
         current = current[:start].rstrip("\n") + "\n" + tail
     out.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+
+
+# --- live (`/ws/live`) helpers: `bench/live.py` and `bench/liveload.py` -----------------------
+
+RATE = 16000
+FRAME_SAMPLES = 3200  # 200 ms at 16 kHz
+
+
+class LiveServer:
+    """A `whisper-appliance serve` for the live sections: a free port, plain HTTP, a temporary
+    data dir, tiny.en; `env` adds or overrides settings. Healthy once constructed."""
+
+    def __init__(self, env: dict[str, str], prefix: str = "bench-live-") -> None:
+        import tempfile
+
+        from tests.conftest import free_port
+
+        self.tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        port = free_port()
+        settings = {"WHISPER_MODEL": "tiny.en", **env}
+        data = Path(self.tmp.name) / "data"
+        self.process = start_service(data, Path(self.tmp.name) / "server.log", port, settings)
+        self.url = f"http://127.0.0.1:{port}"
+        if not self._healthy(180):
+            self.close()
+            raise RuntimeError("the server did not become healthy")
+
+    def _healthy(self, seconds: float) -> bool:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                return False
+            time.sleep(0.3)
+        return False
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.tmp.cleanup()
+
+
+@dataclass
+class LiveStream:
+    """What one streamed live session got: each message with its arrival (monotonic clock),
+    the time the stream's second 0 was "spoken" (`t0`), what was sent and how late."""
+
+    t0: float = 0.0
+    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    sent_samples: int = 0
+    send_late: list[float] = field(default_factory=list)
+    refused: str | None = None
+
+
+async def stream_live(
+    url: str, pcm: bytes, *, model: str = "tiny.en", delay: float = 0.0, timeout: float = 300.0
+) -> LiveStream:
+    """One `/ws/live` session: `start`, `pcm` (s16le 16 kHz) in 200 ms frames on a fixed
+    real-time schedule (a frame leaves when its last sample would have been spoken), `stop`,
+    then every message until the server closes."""
+    import asyncio
+    import json
+    import time
+
+    from websockets.asyncio.client import connect
+
+    out = LiveStream()
+    await asyncio.sleep(delay)
+    ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + "/ws/live"
+    async with connect(ws_url, max_size=2**22) as ws:
+        await ws.send(json.dumps({"type": "start", "model": model, "language": "en"}))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        if ready.get("type") != "ready":
+            out.refused = f"refused: {ready}"
+            return out
+
+        async def reader() -> None:
+            async for raw in ws:
+                out.messages.append((time.monotonic(), json.loads(raw)))
+
+        reading = asyncio.create_task(reader())
+        step = FRAME_SAMPLES * 2
+        out.t0 = time.monotonic()
+        for i in range(0, len(pcm), step):
+            frame = pcm[i : i + step]
+            due = out.t0 + (i + len(frame)) / 2 / RATE
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await ws.send(frame)
+            out.send_late.append(time.monotonic() - due)
+            out.sent_samples += len(frame) // 2
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reading, timeout)
+    return out

@@ -18,22 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Clip, clips, normalise, wer
+from bench.common import RATE, Clip, LiveServer, clips, normalise, stream_live, wer
 
-FRAME_SAMPLES = 3200  # 200 ms at 16 kHz
-RATE = 16000
 LEAD_SILENCE = 0.5
 TAIL_SILENCE = 1.5
 TARGET_MEDIAN = 1.0
@@ -61,7 +54,7 @@ def read_pcm(path: Path) -> bytes:
     with wave.open(str(path)) as w:
         if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (RATE, 1, 2):
             raise ValueError(f"{path.name}: need 16 kHz mono 16-bit PCM")
-        return w.readframes(w.getnframes())
+        return bytes(w.readframes(w.getnframes()))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,37 +67,12 @@ def percentile(values: list[float], q: float) -> float:
 
 async def stream_clip(url: str, clip: Clip, model: str = "tiny.en") -> Run:
     """One live session for one clip; latencies in seconds."""
-    from websockets.asyncio.client import connect
-
     run = Run(clip.name, clip.reference)
     pcm = bytes(int(LEAD_SILENCE * RATE) * 2) + read_pcm(clip.path)
     pcm += bytes(int(TAIL_SILENCE * RATE) * 2)
-    ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + "/ws/live"
-    messages: list[tuple[float, dict[str, Any]]] = []
-    async with connect(ws_url, max_size=2**22) as ws:
-        await ws.send(json.dumps({"type": "start", "model": model, "language": "en"}))
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
-        if ready.get("type") != "ready":
-            run.error = f"refused: {ready}"
-            return run
-
-        async def reader() -> None:
-            async for raw in ws:
-                messages.append((time.monotonic(), json.loads(raw)))
-
-        reading = asyncio.create_task(reader())
-        frame_bytes = FRAME_SAMPLES * 2
-        t0 = time.monotonic()  # stream time 0 is "spoken" at t0
-        for k, i in enumerate(range(0, len(pcm), frame_bytes)):
-            frame = pcm[i : i + frame_bytes]
-            due = t0 + (i + len(frame)) / 2 / RATE
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            await ws.send(frame)
-            run.send_late.append(time.monotonic() - due)
-            run.sent_samples += len(frame) // 2
-            del k
-        await ws.send(json.dumps({"type": "stop"}))
-        await asyncio.wait_for(reading, 120)
+    live = await stream_live(url, pcm, model=model, timeout=120)
+    run.sent_samples, run.send_late, run.error = live.sent_samples, live.send_late, live.refused
+    t0, messages = live.t0, live.messages
     texts = []
     for arrived, message in messages:
         kind = message.get("type")
@@ -136,8 +104,7 @@ class LiveSection:
         self.url = url
         self.reason: str | None = None
         self.runs: list[Run] = []
-        self.server: subprocess.Popen[bytes] | None = None
-        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.server: LiveServer | None = None
 
     def setup(self, ctx: Any) -> None:
         self.url = self.url or getattr(ctx, "service_url", None)
@@ -148,41 +115,8 @@ class LiveSection:
                 self.reason = f"could not start a server: {exc}"
 
     def _start_server(self) -> str:
-        import httpx
-
-        from tests.conftest import free_port
-
-        self.tmp = tempfile.TemporaryDirectory(prefix="bench-live-")
-        port = free_port()
-        env = {
-            **os.environ,
-            "DATA_DIR": str(Path(self.tmp.name) / "data"),
-            "HTTPS_ENABLED": "false",
-            "BIND_ADDRESS": "127.0.0.1",
-            "HTTPS_PORT": str(port),
-            "WHISPER_MODEL": "tiny.en",
-            "WORKER_PROCESSES": "1",
-        }
-        log = (Path(self.tmp.name) / "server.log").open("wb")
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            if self.server.poll() is not None:
-                break
-            time.sleep(0.3)
-        raise RuntimeError("the server did not become healthy")
+        self.server = LiveServer({"WORKER_PROCESSES": "1"})
+        return self.server.url
 
     def run_round(self, ctx: Any, index: int) -> None:
         if self.reason or self.url is None:
@@ -267,13 +201,7 @@ class LiveSection:
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-        if self.tmp is not None:
-            self.tmp.cleanup()
+            self.server.close()
 
 
 def main(argv: list[str] | None = None) -> int:

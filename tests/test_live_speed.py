@@ -20,7 +20,7 @@ import pytest
 
 from appliance.core.engines import create_engine
 from appliance.core.engines.base import LoadedModel
-from appliance.core.live.decoder import BatchScheduler, Decoder, Hypothesis
+from appliance.core.live.decoder import BatchScheduler, Context, Decoder, Hypothesis
 from appliance.core.live.session import LiveConfig, LiveSession, LiveTranscriber, pcm_to_float
 from appliance.core.model_manager import ModelManager
 from tests.conftest import JFK_TEXT
@@ -122,6 +122,10 @@ def test_sentence_commits_lose_and_repeat_no_word_at_the_cut(
             messages += core.step()
             if len(core.closed) > queued:  # a sentence was just committed: its final is due
                 lags.append(core.lag_seconds())
+                assert core.utterance is not None  # the rest, heard after the sentence's end
+                context = core.utterance.context
+                assert context is not None and context.text.rstrip().endswith((".", "?", "!"))
+                assert 0 < context.audio.size <= 3 * 16000
     core.close()
     while core.has_work():
         messages += core.step()
@@ -156,6 +160,63 @@ def test_sentence_commits_lose_and_repeat_no_word_at_the_cut(
             # the words either side of the cut follow each other in the reference
             assert ref_at[cut] == ref_at[cut - 1] + 1, (cut, hypothesis[cut - 2 : cut + 2])
     assert wer(reference, " ".join(hypothesis)) <= 0.15  # hyphens and "Mr." count here
+
+
+def test_degraded_sentence_final_is_the_agreed_decode(model: LoadedModel, clips: Path) -> None:
+    """Under load a sentence's final costs no decode more: it is the agreed decode's text."""
+    pcm, reference = conversation(clips)
+    config = LiveConfig(silence_seconds=2.0, max_utterance_seconds=28.0)
+    core = LiveTranscriber(Decoder(model, language="en", task="transcribe"), config)
+    core.degraded = True
+    messages: list[dict[str, Any]] = []
+    for i in range(0, len(pcm), 3200):
+        messages += core.feed(pcm_to_float(pcm[i : i + 3200]))
+        while core.has_work():
+            messages += core.step()
+    sentences = [m for m in messages if m["type"] == "final" and m["reason"] == "sentence"]
+    assert sentences
+    for final in sentences:
+        assert final["speculative"]  # reused, not decoded again
+        assert final["processing_ms"] == 0
+        assert final["text"].rstrip().endswith((".", "?", "!"))
+        assert final["words"] and final["words"][-1]["end"] <= final["end"] + 0.01
+    assert core.degraded_decodes >= len(sentences)
+    core.close()
+    while core.has_work():
+        messages += core.step()
+    text = " ".join(m["text"] for m in messages if m["type"] == "final")
+    assert wer(reference, text) <= 0.2, text
+
+
+def test_decode_after_a_cut_hears_the_sentence_before(model: LoadedModel, clips: Path) -> None:
+    """Given the seconds before a cut (audio + text), a decode returns only the words after
+    it, timed from its own start, the same wherever in the pause the cut falls: without the
+    context tiny.en hears "ill-disposed" as "old-sposed" from some cut points."""
+    pcm, _ = conversation(clips)
+    audio = pcm_to_float(pcm)
+    decoder = Decoder(model, language="en", task="transcribe", batching=False)
+    rate = 16000
+    start = 11 * rate  # "And Mr. John Dashwood ... for them. He was not an ill-disposed ..."
+    whole = decoder.decode(audio[start : 26 * rate], final=True)
+    names = [normalize(w.word) for w in whole.words]
+    k = names.index("them")
+    assert names[k + 1 : k + 4] == ["he", "was", "not"]
+    gap_from = start + int(whole.words[k].end * rate)
+    gap_to = start + int(whole.words[k + 1].start * rate)
+    texts = set()
+    for cut in np.linspace(gap_from, gap_to, 5).astype(int):
+        before = [w for w in whole.words[: k + 1] if start + w.start * rate >= cut - 3 * rate]
+        context = Context(
+            audio[start + int(before[0].start * rate) : cut], "".join(w.word for w in before)
+        )
+        hyp = decoder.decode(audio[cut : 26 * rate], final=True, context=context)
+        assert normalize(hyp.text).startswith("he was not an ill"), hyp.text
+        assert "them" not in normalize(hyp.text)  # the context is not returned
+        onset = (start + whole.words[k + 1].start * rate - cut) / rate  # "He", from the cut
+        assert hyp.words[0].word.strip() == "He"
+        assert abs(hyp.words[0].start - onset) <= 0.3
+        texts.add(normalize(hyp.text))
+    assert len(texts) == 1, texts
 
 
 def test_sentence_commits_can_be_turned_off(model: LoadedModel, clips: Path) -> None:

@@ -18,6 +18,13 @@ behind busy workers are merged — on a CPU, a batch of two on one core takes ab
 two decodes side by side on two cores, so batching must never take the place of parallelism.
 Finals go before partials in the queue.
 
+Context: a decode right after a sentence cut may be given the last seconds of audio before
+the cut and their (already committed) text. The audio is decoded with them in front, the text
+forced as the start of the output, and only what follows is returned: the words after the cut
+are heard in context. Without it tiny.en hears a word after a cut differently depending on
+where in the pause the cut falls (measured: "ill-disposed" → "old-sposed" at 4-5 of 11 cut
+points 64 ms apart; with 3 s of context at none).
+
 Calls are blocking; the live session runs them in a worker thread.
 """
 
@@ -49,6 +56,14 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 BATCH_COLLECT_SECONDS = 0.0  # a leader's wait for others (0: batch only what already queues)
 MAX_BATCH = 8
 WINDOW_QUANTUM_FRAMES = 200  # windows above the minimum round up to 2 s: more batch together
+
+
+@dataclass(frozen=True)
+class Context:
+    """What was said just before the audio to decode: its samples and their text."""
+
+    audio: Any  # float32 16 kHz
+    text: str
 
 
 @dataclass
@@ -275,21 +290,21 @@ class Decoder:
         final: bool,
         words: bool | None = None,
         beam_size: int | None = None,
+        context: Context | None = None,
     ) -> Hypothesis:
         """`final`: a final (beam search, word timings) rather than a partial (greedy, text);
         `words` and `beam_size` override those defaults (a partial with word timings, a greedy
-        final when the session is under load)."""
+        final when the session is under load). `context`: see the module docstring
+        (faster-whisper only; other engines decode the audio alone)."""
         started = time.perf_counter()
         with_words = final if words is None else words
         beam = beam_size or (self.final_beam_size if final else self.partial_beam_size)
         if self._whisper is not None:
-            hyp = self._decode_short(audio, final=final, words=with_words, beam=beam)
+            hyp = self._decode_short(audio, final, with_words, beam, context)
             if final and beam < self.final_beam_size and hyp.avg_logprob < LOGPROB_THRESHOLD:
                 # a greedy final (the session is under load) that looks unsure: beam search
                 # is worth its cost here, a lost sentence is worse than a late one
-                hyp = self._decode_short(
-                    audio, final=final, words=with_words, beam=self.final_beam_size
-                )
+                hyp = self._decode_short(audio, final, with_words, self.final_beam_size, context)
         else:
             hyp = self._decode_generic(audio, words=with_words, beam=beam)
         hyp.seconds = time.perf_counter() - started
@@ -332,21 +347,38 @@ class Decoder:
             self._tokenizers[language] = tokenizer
         return tokenizer
 
-    def _decode_short(self, audio: Audio, *, final: bool, words: bool, beam: int) -> Hypothesis:
+    def _decode_short(
+        self, audio: Audio, final: bool, words: bool, beam: int, context: Context | None = None
+    ) -> Hypothesis:
         whisper = self._whisper
         assert whisper is not None
+        lead = 0.0
+        if context is not None and context.text.strip() and context.audio.size:
+            lead = context.audio.size / SAMPLE_RATE
+            audio = np.concatenate([context.audio, audio]).astype(np.float32, copy=False)
         features = whisper.feature_extractor(audio)
         frames = int(features.shape[-1])
         seconds = audio.size / SAMPLE_RATE
         window = window_frames(seconds)
-        hyp = self._generate(features, frames, window, seconds, words, beam, final)
+        args = (words, beam, final, context if lead else None)
+        hyp = self._generate(features, frames, window, seconds, *args)
         degenerate = (
             compression_ratio(hyp.text) > COMPRESSION_RATIO_THRESHOLD or hyp.avg_logprob < -1.5
         )
         if degenerate and not final:
             return Hypothesis("", language=hyp.language)  # skip this partial; the next may do
         if degenerate and window < FULL_CONTEXT_FRAMES:
-            hyp = self._generate(features, frames, FULL_CONTEXT_FRAMES, seconds, words, beam, final)
+            hyp = self._generate(features, frames, FULL_CONTEXT_FRAMES, seconds, *args)
+        if lead:
+            hyp.words = [
+                Word(
+                    max(0.0, round(w.start - lead, 2)),
+                    max(0.0, round(w.end - lead, 2)),
+                    w.word,
+                    w.probability,
+                )
+                for w in hyp.words
+            ]
         return hyp
 
     def _generate(
@@ -358,6 +390,7 @@ class Decoder:
         words: bool,
         beam: int,
         final: bool,
+        context: Context | None = None,
     ) -> Hypothesis:
         from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
@@ -376,7 +409,8 @@ class Decoder:
             else:
                 language = "en"
         tokenizer = self._tokenizer(language)
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        prefix = tokenizer.encode(" " + context.text.strip()) if context is not None else []
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *prefix]
         max_new = int(seconds * TOKENS_PER_SECOND) + 16
         request = _Request(
             padded,
@@ -392,7 +426,10 @@ class Decoder:
             results, outputs = run_batch(whisper, [request], encoded)
             request.result, request.encoded = results[0], outputs[0]
         result = request.result
-        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot][:max_new]
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        if prefix and tokens[: len(prefix)] == prefix:
+            tokens = tokens[len(prefix) :]  # the forced context text is not this decode's
+        tokens = tokens[:max_new]
         text = str(tokenizer.decode(tokens)).strip()
         avg_logprob = float(result.scores[0]) * len(tokens) / (len(tokens) + 1) if tokens else 0.0
         if len(tokens) >= max_new:
@@ -400,7 +437,12 @@ class Decoder:
         encoder_output = request.encoded
 
         def align() -> list[Word]:
-            alignment = whisper.find_alignment(tokenizer, [tokens], encoder_output, used)[0]
+            aligned = whisper.find_alignment(tokenizer, [prefix + tokens], encoder_output, used)
+            alignment, seen = [], 0
+            for w in aligned[0]:
+                if seen >= len(prefix):  # the words of the context text are not returned
+                    alignment.append(w)
+                seen += len(w["tokens"])
             merge_punctuations(alignment, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS)
             return [
                 Word(

@@ -16,14 +16,17 @@ blocking) and applied (`complete`):
 
 Sentence commits (the local-agreement policy of whisper_streaming): partials and speculations
 are decoded with word timings; when two successive decodes of the open utterance agree on a
-prefix that ends a sentence and the newer one has words after it, that sentence is emitted as
-a `final` (reason `sentence`, the agreed text) at once and the utterance goes on from the gap
-after it as a new one. Long conversational turns, whose pauses are too short to close an
-utterance, thus get their finals sentence by sentence instead of at the `max_utterance` cut.
+prefix that ends a sentence and the newer one has words after it, the utterance is cut after
+it: the sentence is closed (reason `sentence`) and decoded like any final (beam search, word
+timings), and the utterance goes on from the cut as a new one, whose final decodes are given
+the last `context_seconds` before the cut (audio and text, `decoder.Context`). Long
+conversational turns, whose pauses are too short to close an utterance, thus get their finals
+sentence by sentence instead of at the `max_utterance` cut.
 
 Degrading under load: when finals fall `degrade_lag_seconds` behind (before `lag`), the
-session sets `degraded` for a while: finals are decoded greedily instead of with beam search
-and partials come half as often.
+session sets `degraded` for a while: finals are decoded greedily instead of with beam search,
+a sentence commit's final is its agreed decode (no decode more) and partials come half as
+often.
 
 `step` runs one planned decode synchronously (tests). `LiveSession` drives a transcriber from
 asyncio: `feed` is called by whoever receives audio; `run` feeds the VAD and decodes in worker
@@ -49,7 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.core.engines.base import SAMPLE_RATE, Segment, Transcript, Word
-from appliance.core.live.decoder import Decoder, Hypothesis
+from appliance.core.live.decoder import Context, Decoder, Hypothesis
 from appliance.core.live.vad import WINDOW, StreamingVad
 from appliance.exceptions import ApplianceError
 
@@ -75,6 +78,7 @@ class LiveConfig:
     sentence_commits: bool = True
     sentence_min_seconds: float = 0.8  # no sentence final shorter than this
     sentence_any_gap_seconds: float = 6.0  # past this, cut at a word gap the VAD did not see
+    context_seconds: float = 3.0  # audio + text before a sentence cut given to the decodes after
 
 
 PAUSE_REACH = 16  # windows (0.5 s)
@@ -154,6 +158,7 @@ class Utterance:
     speculation: tuple[int, Hypothesis] | None = None  # (speech end it covered, result)
     speculating: int | None = None  # speech end of the speculative decode running now
     partial_running: bool = False
+    context: Context | None = None  # what was said before it (it starts at a sentence cut)
 
 
 @dataclass
@@ -169,6 +174,7 @@ class Closed:
     arrived: float | None = None  # wall time the audio up to speech_end had arrived
     stable: tuple[str, ...] = ()  # words the partials committed (promised) before the close
     due: int | None = None  # sample from which it counts as behind (default: speech_end)
+    context: Context | None = None
 
     @property
     def lag_from(self) -> int:
@@ -188,6 +194,7 @@ class DecodeJob:
     arrived: float | None = None  # wall time the audio up to `end` had arrived
     words: bool = False  # word timings (for sentence commits)
     beam_size: int | None = None  # None: the decoder's default for the kind
+    context: Context | None = None  # for finals and speculations after a sentence cut
 
 
 @dataclass
@@ -318,6 +325,7 @@ class LiveTranscriber:
                 speculation,
                 self.arrival(speech_end),  # now: older arrival times are trimmed away
                 tuple(self.agreement.committed),
+                context=utt.context,
             )
         )
 
@@ -431,7 +439,13 @@ class LiveTranscriber:
                     closed = self.closed.popleft()
                     self._finals_running[closed.speech_end] = closed.index
                     self._running_due[closed.speech_end] = closed.lag_from
-                    return DecodeJob("final", closed.audio, closed=closed, beam_size=self._beam())
+                    return DecodeJob(
+                        "final",
+                        closed.audio,
+                        closed=closed,
+                        beam_size=self._beam(),
+                        context=closed.context,
+                    )
                 if utt is not None and self._speculation_due():
                     pad = int(self.config.speech_pad_seconds * SAMPLE_RATE)
                     end = min(utt.last_speech_end + pad, self.position)
@@ -445,6 +459,7 @@ class LiveTranscriber:
                         arrived=self.arrival(end),
                         words=True,
                         beam_size=self._beam(),
+                        context=utt.context,
                     )
                 return None
             if utt is not None and self._partial_due():
@@ -476,11 +491,13 @@ class LiveTranscriber:
             # the speculation saw less audio than the final (it starts before the pause's
             # padding has arrived) and lost promised words: decode the whole utterance
             closed.speculation = None
+        extra = {} if job.context is None else {"context": job.context}
         return self.decoder.decode(
             job.audio,
             final=job.kind != "partial",
             words=job.words or job.kind == "final",  # a final carries word timings
             beam_size=job.beam_size,
+            **extra,
         )
 
     def complete(self, job: DecodeJob, hyp: Hypothesis) -> list[Message]:
@@ -551,6 +568,20 @@ class LiveTranscriber:
             last += 1
         return (probs[first][0] - WINDOW + probs[last][0]) // 2
 
+    def _context(self, utt: Utterance, sentence: list[Word], cut: int) -> Context | None:
+        """The last `context_seconds` of the committed sentence: its audio from the first word
+        that starts in them up to the cut, and those words' text (see `decoder.Context`)."""
+        reach = int(self.config.context_seconds * SAMPLE_RATE)
+        if reach <= 0:
+            return None
+        for j, word in enumerate(sentence):
+            begin = utt.start + int(word.start * SAMPLE_RATE)
+            if begin >= cut - reach:
+                text = "".join(w.word for w in sentence[j:]).strip()
+                audio = self._slice(begin, cut)
+                return Context(audio, text) if text and audio.size else None
+        return None
+
     def _commit_sentence(
         self, utt: Utterance, hyp: Hypothesis, job: DecodeJob
     ) -> list[Message] | None:
@@ -589,8 +620,19 @@ class LiveTranscriber:
         speech_end = min(cut, utt.start + int(words[k].end * SAMPLE_RATE))
         # the agreed prefix only says where the sentence ends: its text comes from a final
         # decode of the audio up to the cut (beam search, as at any close), not from the
-        # greedy partial, and it carries word timings
+        # greedy partial, and it carries word timings — unless the session is degraded
         promised = len(self.agreement.committed)
+        reuse = None
+        if self.degraded:
+            # under load the agreed decode is the final: no decode more for it (counted)
+            self.degraded_decodes += 1
+            limit = (cut - utt.start) / SAMPLE_RATE  # no word time past the cut
+            kept = [
+                Word(min(w.start, limit), min(w.end, limit), w.word, w.probability)
+                for w in words[: k + 1]
+            ]
+            text = "".join(w.word for w in kept).strip()
+            reuse = Hypothesis(text, kept, hyp.language, no_speech_prob=hyp.no_speech_prob)
         self.closed.append(
             Closed(
                 utt.index,
@@ -600,10 +642,12 @@ class LiveTranscriber:
                 "sentence",
                 self._slice(utt.start, cut),
                 utt.partials,
+                reuse,
                 arrived=self.arrival(speech_end),
                 stable=tuple(self.agreement.committed[: min(promised, k + 1)]),
                 # behind only from now: the agreement wait is not a backlog
                 due=self.position - int(cfg.silence_seconds * SAMPLE_RATE),
+                context=utt.context,
             )
         )
         self.sentence_finals += 1
@@ -612,6 +656,7 @@ class LiveTranscriber:
         rest = Utterance(self._next_index, cut, utt.last_speech_end, 0, utt.last_partial_end)
         rest.probs = [(e, p) for e, p in utt.probs if e > cut]
         rest.voiced = sum(WINDOW for _, p in rest.probs if p >= cfg.neg_threshold)
+        rest.context = self._context(utt, words[: k + 1], cut)
         self._next_index += 1
         self.utterance = rest
         remaining = [w.word.strip() for w in words[k + 1 :]]
