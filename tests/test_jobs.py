@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from appliance.core import audio
+from appliance.core.engines.base import SAMPLE_RATE
 from tests.conftest import Server, start_server, stop_server
 
 
@@ -37,10 +40,30 @@ def wait_done(server: Server, job_id: str, timeout: float = 120) -> dict[str, ob
     raise AssertionError(f"job {job_id} did not finish")
 
 
-def test_queue_positions_eta_and_429(one_worker: Server, clips: Path) -> None:
+@pytest.fixture(scope="module")
+def six_minutes(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About six minutes of real speech (the clips, nine times): a job that keeps the single
+    worker busy for seconds even at batched speed, so the queue behind it can be looked at."""
+    pieces = [clips / "jfk.wav", *sorted((clips / "librivox").glob("*.wav"))] * 9
+    path = tmp_path_factory.mktemp("six") / "six-minutes.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        for piece in pieces:
+            out.writeframes((audio.decode(piece) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_queue_positions_eta_and_429(one_worker: Server, clips: Path, six_minutes: Path) -> None:
     wav = sorted((clips / "librivox").glob("*.wav"))[0]
-    first = submit(one_worker, wav).json()
-    time.sleep(0.5)  # let the single worker pick up the first job
+    first = submit(one_worker, six_minutes).json()
+    deadline = time.monotonic() + 60  # the single worker picks the long job up
+    while httpx.get(f"{one_worker.url}/api/jobs/{first['id']}", timeout=10).json()["state"] == (
+        "queued"
+    ):
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.05)
     queued = [submit(one_worker, wav).json() for _ in range(2)]
     assert [q["position"] for q in queued] == [1, 2]
     assert all(q["state"] == "queued" for q in queued)
