@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
+from bench.capacity import CapacitySection
 from bench.common import ROOT, Clip, clips
 from bench.diarize_bench import DiarizationSection
 from bench.engines import EnginesSection
@@ -54,7 +55,16 @@ class Section(Protocol):
     def close(self) -> None: ...
 
 
-SECTIONS = ("engines", "service", "longform", "live", "liveload", "wyoming", "diarization")
+SECTIONS = (
+    "engines",
+    "service",
+    "longform",
+    "live",
+    "liveload",
+    "wyoming",
+    "diarization",
+    "capacity",
+)
 
 
 def build_sections(names: list[str], models: list[str], threads: int) -> list[Section]:
@@ -67,6 +77,7 @@ def build_sections(names: list[str], models: list[str], threads: int) -> list[Se
         "liveload": LiveLoadSection(),  # issue 13: 1, 2, 4 conversational sessions
         "wyoming": WyomingSection(),  # Home Assistant: ours vs wyoming-faster-whisper
         "diarization": DiarizationSection(),  # issue 15: DER and its cost
+        "capacity": CapacitySection(models),  # issue 16: audio-hours per core-hour, nodes
     }
     return [available[n] for n in SECTIONS if n in names]
 
