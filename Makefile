@@ -30,11 +30,18 @@ lint: setup ## ruff, mypy --strict, import-linter layering, ansible-lint (produc
 pytest: setup ## Run the pytest suite only (real engine, real server, real browser)
 	$(VENV)/bin/pytest
 
+# The same suite with the state on PostgreSQL (DATABASE_URL): a throw-away server from Debian's
+# postgresql-15 (tests/pgserver.py), an empty database per test; tests marked sqlite_only skip.
+.PHONY: pytest-pg
+pytest-pg: setup ## Run the pytest suite on PostgreSQL instead of SQLite (throw-away local server)
+	APPLIANCE_TEST_DB=postgresql $(VENV)/bin/pytest
+
 .PHONY: test
-test: ## Install what is missing, then lint + every test suite
+test: ## Install what is missing, then lint + every test suite (pytest on SQLite, then PostgreSQL)
 	$(MAKE) --no-print-directory setup WITH_LXC=$(TEST_WITH_LXC) WITH_CONTAINER=$(TEST_WITH_CONTAINER)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory pytest
+	$(MAKE) --no-print-directory pytest-pg
 	$(MAKE) --no-print-directory test-extra
 
 .PHONY: bench

@@ -25,7 +25,8 @@ need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
 # --- system packages ---------------------------------------------------------
 # Every Debian package any make target or test uses, and nothing assumed to be there already:
 # `make test-fresh` checks this list in a minimal Debian 12 rootfs (scripts/check_commands.py).
-APT_PACKAGES=(make git ffmpeg sox espeak-ng python3-venv ca-certificates)
+# postgresql-15: initdb and pg_ctl for the tests' throw-away servers (tests/pgserver.py).
+APT_PACKAGES=(make git ffmpeg sox espeak-ng python3-venv ca-certificates postgresql-15)
 if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core libnss3-tools); fi
 if [ "${WITH_CONTAINER:-0}" = 1 ]; then APT_PACKAGES+=(podman runc mmdebstrap uidmap); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
@@ -41,7 +42,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   msg "apt-get install ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests run their own servers: no system cluster `main` (Debian's postinst would create
+  # one on port 5432 and start it where systemd runs). The drop-in lasts for this install only.
+  no_main=/etc/postgresql-common/createcluster.d/whisper-appliance-bootstrap.conf
+  $SUDO mkdir -p "$(dirname "$no_main")"
+  echo "create_main_cluster = false" | $SUDO tee "$no_main" >/dev/null
+  status=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    status=$?
+  $SUDO rm -f "$no_main"
+  [ "$status" = 0 ] || exit "$status"
 fi
 
 # --- promtool ----------------------------------------------------------------

@@ -8,7 +8,9 @@ one. This finds such gaps by reading the code instead of trusting memory:
   through wrappers like `timeout`, `env`, `setsid` and `xargs`;
 - Python (`tests/`, `bench/`, `scripts/`, `appliance/`): the literal program of every
   `subprocess.*([...])`, `create_subprocess_exec(...)` and `shutil.which(...)`; `which(a) or
-  which(b)` needs only one of them;
+  which(b)` needs only one of them; a command prefix (`["runuser", "-u", "postgres", "--"]`)
+  spread in front of another command; a program found outside PATH (`pg_binary("initdb")`:
+  Debian's PostgreSQL tools) as the file it must be;
 - files the LXC stand-in includes from the host (`lxc.include = /usr/share/lxc/...`).
 
 `list` prints what it found. `check --root DIR` resolves each command in the rootfs DIR (`chroot
@@ -183,6 +185,8 @@ def makefile_recipes(path: Path) -> list[str]:
 # --- python -------------------------------------------------------------------------------
 
 SUBPROCESS_CALLS = {"run", "Popen", "check_output", "check_call", "call"}
+# Helpers that find a program outside PATH, and where (a glob) the program must then be.
+PROGRAM_FINDERS = {"pg_binary": "/usr/lib/postgresql/*/bin/{}"}
 
 
 def _program(node: ast.expr) -> str | None:
@@ -208,6 +212,16 @@ def _which(node: ast.expr) -> str | None:
     return None
 
 
+def _command_prefix(node: ast.AST) -> str | None:
+    """The program of a literal command prefix, a list of words ending in `--`."""
+    if not isinstance(node, ast.List) or len(node.elts) < 2:
+        return None
+    words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+    if len(words) != len(node.elts) or words[-1] != "--" or not isinstance(words[0], str):
+        return None
+    return words[0]
+
+
 def scan_python(source: str, where: str, found: Found) -> None:
     tree = ast.parse(source)
     grouped: set[int] = set()
@@ -218,10 +232,19 @@ def scan_python(source: str, where: str, found: Found) -> None:
                 found.alternatives.append((tuple(n for n in names if n), where))
                 grouped.update(id(v) for v in node.values)
     for node in ast.walk(tree):
+        if prefix := _command_prefix(node):
+            found.add(prefix, where)
         if not isinstance(node, ast.Call) or not node.args:
             continue
         func = node.func
         attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        finder = PROGRAM_FINDERS.get(attr)
+        if (
+            finder
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.files[finder.format(node.args[0].value)].add(where)
         owner = ""
         if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
             owner = func.value.id
@@ -311,8 +334,8 @@ def check(rootfs: Path, venv: Path, found: Found) -> list[str]:
     for group, where in found.alternatives:
         if set(group) <= missing:
             problems.append(f"none of {', '.join(group)} found (used in {where})")
-    for file, places in sorted(found.files.items()):
-        if not (rootfs / file.lstrip("/")).is_file():
+    for file, places in sorted(found.files.items()):  # a glob: any one match will do
+        if not any(path.is_file() for path in rootfs.glob(file.lstrip("/"))):
             problems.append(f"file {file} missing (used in {', '.join(sorted(places))})")
     return problems
 

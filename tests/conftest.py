@@ -1,5 +1,11 @@
 """Shared fixtures: real clips, real settings in a temp data dir, the app with its test
-client, and a real `whisper-appliance serve` (Hypercorn) on a free port."""
+client, and a real `whisper-appliance serve` (Hypercorn) on a free port.
+
+`APPLIANCE_TEST_DB=postgresql` runs the same tests on PostgreSQL (`make pytest-pg`): one
+throw-away server for the session (`tests/pgserver.py`) and an empty database for each test,
+handed to the app as `DATABASE_URL`. Tests about the SQLite file itself are marked
+`sqlite_only` and skipped there.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from quart.typing import TestClientProtocol
 
 from appliance.system.config import Settings
 from appliance.web.app import create_app
+from tests.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / ".cache" / "clips"
@@ -60,6 +67,46 @@ def serve_directory(root: Path) -> Iterator[str]:
         httpd.server_close()
 
 
+BACKEND = os.environ.get("APPLIANCE_TEST_DB", "sqlite")
+ON_POSTGRES = BACKEND == "postgresql"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if ON_POSTGRES:
+        skip = pytest.mark.skip(
+            reason="about the SQLite file itself (APPLIANCE_TEST_DB=postgresql)"
+        )
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_report_header() -> str:
+    return f"database backend: {BACKEND}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer | None]:
+    """The session's PostgreSQL server (None on SQLite)."""
+    if not ON_POSTGRES:
+        yield None
+        return
+    server = PgServer.start(free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def database_url(pg_server: PgServer | None, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty PostgreSQL database for this test as DATABASE_URL (servers started by the test
+    inherit it); "" on SQLite."""
+    if pg_server is None:
+        return ""
+    url = pg_server.new_database()
+    monkeypatch.setenv("DATABASE_URL", url)
+    return url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +119,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "https_enabled": False,
         "bind_address": "127.0.0.1",
         "worker_processes": 2,
+        "database_url": os.environ.get("DATABASE_URL", "") if ON_POSTGRES else "",
     }
     base.update(overrides)
     return Settings.from_env({}, **base)
@@ -154,8 +202,11 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real Hypercorn server for the whole session (plain HTTP)."""
-    srv = start_server(tmp_path_factory.mktemp("server") / "data")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: PgServer | None
+) -> Iterator[Server]:
+    """One real Hypercorn server for the whole session (plain HTTP), with its own database."""
+    env = {"DATABASE_URL": pg_server.new_database()} if pg_server is not None else {}
+    srv = start_server(tmp_path_factory.mktemp("server") / "data", env)
     yield srv
     stop_server(srv)

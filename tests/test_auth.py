@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from quart import Quart
 
 from appliance.core import auth as auth_mod
@@ -63,9 +64,7 @@ def admin_rules(app: Quart) -> list[tuple[str, str]]:
 
 async def test_first_start_writes_the_password_once(app: Quart, settings: Settings) -> None:
     password_file = settings.data_dir / auth_mod.PASSWORD_FILE
-    secret_file = settings.data_dir / auth_mod.SECRET_FILE
     assert password_file.stat().st_mode & 0o777 == 0o600
-    assert secret_file.stat().st_mode & 0o777 == 0o600
     password = admin_password(settings)
     assert len(password) >= 16
     services = app.extensions["appliance"]
@@ -76,6 +75,14 @@ async def test_first_start_writes_the_password_once(app: Quart, settings: Settin
     before = password_file.stat().st_mtime_ns
     await services.auth.ensure_admin()
     assert password_file.stat().st_mtime_ns == before
+
+
+@pytest.mark.sqlite_only
+async def test_the_session_secret_file_is_private(app: Quart, settings: Settings) -> None:
+    """On PostgreSQL the secret is the cluster's, in the database (test_auth_postgres)."""
+    secret_file = settings.data_dir / auth_mod.SECRET_FILE
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert app.extensions["appliance"].auth.secret == secret_file.read_bytes().strip()
 
 
 async def test_every_admin_route_needs_a_session(app: Quart, client: TestClientProtocol) -> None:

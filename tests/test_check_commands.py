@@ -40,6 +40,9 @@ def test_the_scan_sees_commands_of_every_kind_of_file() -> None:
     assert ("chromium", "chromium-browser") in [g for g, _ in found.alternatives]
     # the file wave 1 missed on a fresh host (Debian's lxc-templates)
     assert "/usr/share/lxc/config/debian.common.conf" in found.files
+    # the throw-away PostgreSQL of the tests: initdb/pg_ctl by path, run as postgres
+    assert "tests/pgserver.py" in found.commands["runuser"]
+    assert "/usr/lib/postgresql/*/bin/initdb" in found.files
     # shell functions and builtins are not programs
     assert not {"need_stamp", "msg", "cd", "echo", "MAKEVAR"} & set(found.commands)
 

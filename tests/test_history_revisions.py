@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from quart import Quart
@@ -18,6 +19,7 @@ from appliance.core import history as history_module
 from appliance.core.db import Database
 from appliance.core.engines.base import Segment, Transcript, Word
 from appliance.core.history import MIGRATIONS, History
+from tests.test_history import HOSTILE
 
 
 def _transcript() -> Transcript:
@@ -248,6 +250,20 @@ async def test_search_finds_edited_words_and_not_removed_ones(
     assert await hits("lazy") == 0
 
 
+async def test_hostile_searches_are_answered_200_or_400(client: Client, entry_id: str) -> None:
+    """Any `q`, on either backend (`APPLIANCE_TEST_DB=postgresql` runs this on PostgreSQL):
+    results or `invalid_query`, never a 5xx, and searching still works after."""
+    queries = [quote(q.encode("utf-8", "surrogatepass")) for q in HOSTILE]
+    for raw in [*queries, "%FF", "%ED%A0%80", "fox%00", "%27%3B--"]:
+        response = await client.get(f"/api/history?q={raw}")
+        assert response.status_code in (200, 400), (raw, await response.get_data())
+        if response.status_code == 400:
+            assert (await response.get_json())["error"]["code"] == "invalid_query", raw
+    page = await (await client.get("/api/history?q=fox.wa")).get_json()
+    assert [item["id"] for item in page["items"]] == [entry_id]
+
+
+@pytest.mark.sqlite_only
 async def test_migration_from_an_older_database_keeps_entries(tmp_path: Path) -> None:
     """A database of the release before the editor upgrades; deleting an entry (or retention)
     removes its revisions."""

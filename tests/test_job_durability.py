@@ -6,11 +6,15 @@ cannot be opened stops the start at once (finding 8).
   accepted job finishes with the right text, no history row is lost, the database is intact;
 - the recovery tests play a previous run's rows (and someone who can write the database)
   against `JobQueue.start()` directly: paths outside `DATA_DIR/jobs`, links, missing files,
-  jobs the server died under too often, retention.
+  jobs the server died under too often, retention; on PostgreSQL the same rows as another
+  node's, claimed when their lease expired.
+
+On PostgreSQL (`APPLIANCE_TEST_DB=postgresql`) the rows are read from the test's database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,13 +29,28 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import psycopg
 import pytest
 
-from appliance.core.db import Database
+from appliance.core.db import AnyDatabase, open_database
 from appliance.core.engines.base import TranscribeOptions, Transcript
-from appliance.core.jobs import MAX_ATTEMPTS, JobQueue, JobState, options_to_json
+from appliance.core.jobs import (
+    JOB_MIGRATIONS,
+    MAX_ATTEMPTS,
+    JobQueue,
+    JobState,
+    options_to_json,
+)
 from appliance.core.model_manager import ModelManager
-from tests.conftest import CLIPS, JFK_TEXT, Server, free_port, start_server, stop_server
+from tests.conftest import (
+    CLIPS,
+    JFK_TEXT,
+    ON_POSTGRES,
+    Server,
+    free_port,
+    start_server,
+    stop_server,
+)
 from tests.wer import wer
 
 FINISHED = ("done", "failed", "cancelled")
@@ -58,6 +77,7 @@ def _serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("breakage", ["corrupt", "directory"])
 def test_unusable_database_exits_promptly(tmp_path: Path, breakage: str) -> None:
     data_dir = tmp_path / "data"
@@ -100,6 +120,15 @@ def _wait_finished(server: Server, job_id: str, timeout: float = 60) -> dict[str
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish:\n{server.output()[-3000:]}")
+
+
+def _query(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of the server's database: the SQLite file in `data_dir`, or DATABASE_URL."""
+    if ON_POSTGRES:
+        with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+            return list(conn.execute(sql).fetchall())
+    with contextlib.closing(sqlite3.connect(data_dir / "appliance.db")) as conn:
+        return list(conn.execute(sql).fetchall())
 
 
 def _reference(clip: Path) -> str:
@@ -148,8 +177,7 @@ def test_jobs_survive_a_restart(tmp_path: Path, sig: signal.Signals) -> None:
         if server.process.poll() is None:
             server.process.kill()
     assert states == ["queued"] * len(states)
-    with contextlib.closing(sqlite3.connect(data_dir / "appliance.db")) as conn:
-        left = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+    left = dict(_query(data_dir, "SELECT id, state FROM jobs"))
     # kill -9 leaves the row as it was; a graceful stop puts the running job back in the queue
     assert left[accepted[1]["id"]] == ("running" if sig == signal.SIGKILL else "queued")
     assert [left[a["id"]] for a in accepted[2:]] == states
@@ -179,14 +207,16 @@ def test_jobs_survive_a_restart(tmp_path: Path, sig: signal.Signals) -> None:
     finally:
         stop_server(server)
 
-    with contextlib.closing(sqlite3.connect(data_dir / "appliance.db")) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = dict(conn.execute("SELECT id, attempts FROM jobs").fetchall())
-        history_rows = conn.execute("SELECT count(*) FROM transcripts").fetchone()[0]
+    if not ON_POSTGRES:
+        assert _query(data_dir, "PRAGMA integrity_check")[0][0] == "ok"
+    rows = dict(_query(data_dir, "SELECT id, attempts FROM jobs"))
+    history_rows = _query(data_dir, "SELECT count(*) FROM transcripts")[0][0]
     # killed under it once, then run again; a graceful stop does not count as an attempt
     assert rows[accepted[1]["id"]] == (2 if sig == signal.SIGKILL else 1)
     assert history_rows == len(accepted)  # every job once; the killed run left no row
     assert list((data_dir / "jobs").iterdir()) == []  # audio kept only until the job finished
+    if ON_POSTGRES:  # and in the database
+        assert _query(data_dir, "SELECT count(*) FROM job_audio")[0][0] == 0
 
 
 # --- recovery of a previous run's rows, and rows someone forged ---------------------------
@@ -196,8 +226,10 @@ class _NoModels:
     """Recovery and pruning never touch a model."""
 
 
-async def _queue(data_dir: Path, *, retention_hours: float = 24) -> tuple[Database, JobQueue]:
-    db = await Database.open(data_dir / "appliance.db")
+async def _queue(
+    data_dir: Path, *, retention_hours: float = 24, workers: int = 0
+) -> tuple[AnyDatabase, JobQueue]:
+    db = await open_database(os.environ.get("DATABASE_URL", ""), data_dir / "appliance.db")
 
     async def load(history_id: str) -> Transcript | None:
         return Transcript(f"text of {history_id}", [], "en", 1.0)
@@ -206,7 +238,7 @@ async def _queue(data_dir: Path, *, retention_hours: float = 24) -> tuple[Databa
         cast(ModelManager, _NoModels()),
         db=db,
         jobs_dir=data_dir / "jobs",
-        workers=0,  # nothing runs: we look at what start() made of the rows
+        workers=workers,  # none: we look at what start() made of the rows
         max_queue=10,
         retention_hours=retention_hours,
         load_result=load,
@@ -214,10 +246,8 @@ async def _queue(data_dir: Path, *, retention_hours: float = 24) -> tuple[Databa
     return db, queue
 
 
-async def _insert(db: Database, audio_path: Path | str, **values: Any) -> str:
-    from appliance.core.jobs import MIGRATIONS
-
-    await db.migrate("jobs", MIGRATIONS)
+async def _insert(db: AnyDatabase, audio_path: Path | str, **values: Any) -> str:
+    await db.migrate("jobs", JOB_MIGRATIONS)
     row: dict[str, Any] = {
         "id": values.pop("id", None) or uuid.uuid4().hex,
         "state": "queued",
@@ -241,6 +271,7 @@ def _audio(jobs_dir: Path, job_id: str) -> Path:
     return path
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL the audio is in the database: no path is read
 async def test_recovery_trusts_no_path_from_the_database(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     jobs_dir = data_dir / "jobs"
@@ -329,6 +360,59 @@ async def test_finished_jobs_answer_until_the_retention_time(tmp_path: Path) -> 
         async with db.conn.execute("SELECT count(*) FROM jobs WHERE id = ?", (old,)) as cur:
             assert (await cur.fetchone())[0] == 0  # pruned, not just hidden
         assert await queue.get("../../etc/passwd") is None
+    finally:
+        await queue.stop()
+        await db.close()
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="leases and nodes: PostgreSQL only")
+async def test_rows_of_a_dead_node_are_claimed_when_their_lease_expires(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "node-id").write_text("this-node\n")  # the node restarts on its DATA_DIR
+    db, queue = await _queue(data_dir, workers=1)
+    dead = {"state": "running", "node": "dead-node", "lease_until": 1.0}
+    crashed = await _insert(db, "", attempts=MAX_ATTEMPTS, **dead)
+    cancelled = await _insert(db, "", attempts=1, cancel_requested=1, **dead)
+    gone = await _insert(db, "")  # queued, its audio deleted by hand
+    alive = await _insert(
+        db, "", state="running", node="busy-node", lease_until=time.time() + 3600, attempts=1
+    )
+    mine = await _insert(
+        db, "", state="running", node="this-node", lease_until=time.time() + 3600, attempts=1
+    )
+    await db.conn.execute(
+        "INSERT INTO job_audio (job_id, chunk, data) VALUES (?, 0, ?)", (crashed, b"RIFF")
+    )
+    await db.conn.commit()
+    expected = {
+        crashed: ("failed", "server_crashed", MAX_ATTEMPTS + 1),
+        cancelled: ("cancelled", None, 2),
+        gone: ("failed", "upload_missing", 1),
+        mine: ("failed", "upload_missing", 2),  # taken back at once, not after its lease
+    }
+    try:
+        await queue.start()
+        deadline = time.monotonic() + 20
+        while True:
+            async with db.conn.execute(
+                "SELECT id, state, error, attempts FROM jobs WHERE id = ANY(?)", (list(expected),)
+            ) as cur:
+                rows = {r[0]: r[1:] for r in await cur.fetchall()}
+            found = {
+                job_id: (state, json.loads(error)["code"] if error else None, attempts)
+                for job_id, (state, error, attempts) in rows.items()
+            }
+            if found == expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert found == expected
+        async with db.conn.execute(
+            "SELECT state, node, attempts FROM jobs WHERE id = ?", (alive,)
+        ) as cur:
+            assert tuple(await cur.fetchone()) == ("running", "busy-node", 1)  # its node lives
+        async with db.conn.execute("SELECT count(*) FROM job_audio") as cur:
+            assert (await cur.fetchone())[0] == 0
     finally:
         await queue.stop()
         await db.close()

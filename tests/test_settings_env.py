@@ -46,6 +46,7 @@ NUMBERS = {
     "WEBHOOK_RETRY_SECONDS": (0.01, 3600),
     "WATCH_SETTLE_SECONDS": (0.1, 3600),
     "WATCH_POLL_SECONDS": (0.05, 60),
+    "JOB_LEASE_SECONDS": (2, 3600),
 }
 BOOLS = [
     "HTTPS_ENABLED",
@@ -70,6 +71,7 @@ OTHERS: dict[str, list[str]] = {
     "BIND_ADDRESS": ["not an address", "http://0.0.0.0", "a..b", "-host", "host:80"],
     "SSL_CERT_PATH": [],
     "SSL_KEY_PATH": [],
+    "SSL_CA_PATH": [],
     "WHISPER_MODEL": ["", "../../etc/passwd", "a/b", "tiny en", "x" * 65, ".hidden"],
     "ENGINE": ["", "whisper.cpp", "Faster-Whisper"],
     "COMPUTE_TYPE": ["", "int4", "INT8"],
@@ -87,6 +89,14 @@ OTHERS: dict[str, list[str]] = {
     "LOGIN_RATE_LIMIT": ["", "lots", "5/eon"],
     "UPDATE_SOURCE": [],
     "METRICS_TOKEN": [],
+    "DATABASE_URL": [
+        "mysql://u:p@db/x",
+        "sqlite:///var/lib/x.db",
+        "db.lan:5432",
+        "postgresql://u:p@db/x?nosuchoption=1",
+        "postgresql://u:p@db:notaport/x",
+        "postgresql://u:p@db:70000/x",
+    ],
     "WATCH_DIR": [],
     "WATCH_MODEL": ["../x", "a b", "-x"],
     "WATCH_LANGUAGE": ["english", "xx", "../", "en-US"],

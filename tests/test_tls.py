@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.system import certificates as tls
@@ -337,3 +337,59 @@ def test_running_listener_gets_the_reissued_certificate(tmp_path: Path) -> None:
         s_in.write(c_out.read())
         c_in.write(s_out.read())
     assert tls_client.getpeercert() is not None
+
+
+# --- a custom certificate with its issuer named: a cluster node (issue 16) --------------------
+def test_issuing_ca_is_checked(tmp_path: Path) -> None:
+    cert_file, key_file = _self_signed(tmp_path, "cluster")
+    ca_file = tmp_path / "cluster" / "ca.crt"
+    tls.ensure_ca(tmp_path / "other")
+    other_ca = tmp_path / "other" / "ca.crt"
+    settings = make_settings(
+        tmp_path / "data",
+        https_enabled=True,
+        ssl_cert_path=cert_file,
+        ssl_key_path=key_file,
+        ssl_ca_path=ca_file,
+    )
+    assert tls.server_certificate(settings) == (cert_file, key_file)
+    assert tls.ca_cert_path(settings) == ca_file
+    wrong = settings.model_copy(update={"ssl_ca_path": other_ca})
+    with pytest.raises(tls.TLSError, match="did not issue SSL_CERT_PATH"):
+        tls.server_certificate(wrong)
+    not_ca = settings.model_copy(update={"ssl_ca_path": cert_file})
+    with pytest.raises(tls.TLSError, match="not a CA certificate"):
+        tls.server_certificate(not_ca)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(tls.TLSError, match="holds no PEM certificate"):
+        tls.server_certificate(settings.model_copy(update={"ssl_ca_path": garbage}))
+
+
+def test_a_node_offers_the_cluster_ca(tmp_path: Path) -> None:
+    """Behind a load balancer every node serves a certificate from one cluster CA, and
+    /ca.crt and /trust offer that CA, whichever node answers."""
+    cert_file, key_file = _self_signed(tmp_path, "cluster")
+    ca_file = tmp_path / "cluster" / "ca.crt"
+    server = start_server(
+        tmp_path / "data",
+        {
+            "HTTPS_ENABLED": "true",
+            "SSL_CERT_PATH": str(cert_file),
+            "SSL_KEY_PATH": str(key_file),
+            "SSL_CA_PATH": str(ca_file),
+        },
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        served = httpx.get(f"{server.url}/ca.crt", verify=context)
+        assert served.status_code == 200
+        assert served.content == ca_file.read_bytes()
+        page = httpx.get(f"{server.url}/trust", verify=context)
+        assert page.status_code == 200
+        fingerprint = load_cert(ca_file).fingerprint(hashes.SHA256()).hex().upper()
+        assert ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)) in page.text
+        assert str(ca_file) in page.text
+        assert not (tmp_path / "data" / "tls").exists()
+    finally:
+        stop_server(server)

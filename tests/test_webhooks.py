@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from quart import Quart
 
 from appliance.system.config import Settings
 from appliance.web import outbound, webhooks
-from tests.conftest import JFK_TEXT, Server, start_server, stop_server
+from tests.conftest import JFK_TEXT, ON_POSTGRES, Server, start_server, stop_server
+from tests.pgserver import PgServer
 from tests.test_admin import Admin
 from tests.test_auth import admin_password, login
 from tests.wer import wer
@@ -86,11 +88,31 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def allowing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def allowing_db(pg_server: PgServer | None) -> str:
+    """The database of `allowing` ("" on SQLite): its own, as it outlives each test's."""
+    return pg_server.new_database() if pg_server is not None else ""
+
+
+@pytest.fixture(scope="module")
+def allowing(tmp_path_factory: pytest.TempPathFactory, allowing_db: str) -> Iterator[Server]:
     """A server that may call back to 127.0.0.1 (where the tests' receivers live)."""
-    srv = start_server(tmp_path_factory.mktemp("webhooks") / "data", env=ALLOW_LOOPBACK)
+    env = {**ALLOW_LOOPBACK, "DATABASE_URL": allowing_db} if allowing_db else ALLOW_LOOPBACK
+    srv = start_server(tmp_path_factory.mktemp("webhooks") / "data", env=env)
     yield srv
     stop_server(srv)
+
+
+def webhook_secret(data_dir: Path, database_url: str) -> str:
+    """Where the appliance keeps it: the cluster's database on PostgreSQL, else DATA_DIR."""
+    if database_url:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT value FROM auth_secrets WHERE name = 'webhook'").fetchone()
+        assert row is not None
+        assert not (data_dir / webhooks.SECRET_FILE).exists()
+        return str(row[0])
+    path = data_dir / webhooks.SECRET_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path.read_text().strip()
 
 
 def post_job(server: Server, wav: Path, route: str = "/api/jobs", **fields: str) -> httpx.Response:
@@ -122,14 +144,15 @@ def verify(secret: str, hit: Hit, tolerance: float = 300) -> dict[str, Any]:
     return body
 
 
-def test_signed_result_is_delivered(allowing: Server, receiver: Receiver, jfk_wav: Path) -> None:
+def test_signed_result_is_delivered(
+    allowing: Server, allowing_db: str, receiver: Receiver, jfk_wav: Path
+) -> None:
     response = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/ok")
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     (hit,) = receiver.wait("/ok", 1)
-    secret = (allowing.data_dir / "webhook-secret").read_text().strip()
+    secret = webhook_secret(allowing.data_dir, allowing_db)
     assert len(secret) == 64
-    assert (allowing.data_dir / "webhook-secret").stat().st_mode & 0o777 == 0o600
     body = verify(secret, hit)
     assert body["event"] == "job.finished"
     assert body["job_id"] == job_id and body["state"] == "done"
@@ -149,7 +172,7 @@ def test_signed_result_is_delivered(allowing: Server, receiver: Receiver, jfk_wa
 
 
 def test_failing_receiver_gets_the_third_attempt(
-    allowing: Server, receiver: Receiver, jfk_wav: Path
+    allowing: Server, allowing_db: str, receiver: Receiver, jfk_wav: Path
 ) -> None:
     receiver.script["/flaky"] = [500, 503, 200]
     response = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/flaky")
@@ -160,7 +183,7 @@ def test_failing_receiver_gets_the_third_attempt(
     assert 0.35 <= first < 0.8, first
     assert 0.75 <= second < 1.6, second
     assert second > 1.5 * first
-    secret = (allowing.data_dir / "webhook-secret").read_text().strip()
+    secret = webhook_secret(allowing.data_dir, allowing_db)
     assert len({verify(secret, h)["job_id"] for h in hits}) == 1  # the same body each time
     assert [h.headers["X-Whisper-Attempt"] for h in hits] == ["1", "2", "3"]
     job = job_when(allowing, job_id, lambda j: j["callback_state"] == "delivered")
@@ -231,6 +254,36 @@ def test_delivery_survives_a_restart(tmp_path: Path, receiver: Receiver, jfk_wav
         stop_server(srv)
 
 
+@pytest.mark.skipif(not ON_POSTGRES, reason="a cluster's nodes share PostgreSQL")
+def test_a_node_that_starts_leaves_another_nodes_delivery_alone(
+    tmp_path: Path, database_url: str, receiver: Receiver, jfk_wav: Path
+) -> None:
+    """Node two resumes pending deliveries at its start, as after a crash; the one node one
+    is making is not made twice (node two would send attempt 2 at once, not after 3 s)."""
+    receiver.script["/cluster"] = [500, 500, 200]
+    one = start_server(tmp_path / "one", env={**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "3"})
+    two = None
+    try:
+        job_id = post_job(one, jfk_wav, callback_url=f"{receiver.url}/cluster").json()["id"]
+        receiver.wait("/cluster", 1)
+        job_when(one, job_id, lambda j: len(j["callbacks"]) == 1)
+        two = start_server(tmp_path / "two", env={**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "0.1"})
+        job = job_when(one, job_id, lambda j: j["callback_state"] == "delivered")
+        hits = receiver.wait("/cluster", 3)
+        assert len(hits) == 3
+        assert [h.headers["X-Whisper-Attempt"] for h in hits] == ["1", "2", "3"]
+        assert hits[1].at - hits[0].at >= 2.5  # node one's wait
+        assert [a["status"] for a in job["callbacks"]] == [500, 500, 200]
+        assert "another node is delivering it" in two.output()
+        # every node signs with the cluster's secret
+        secret = webhook_secret(two.data_dir, database_url)
+        assert len({verify(secret, h)["job_id"] for h in hits}) == 1
+    finally:
+        for node in (two, one):
+            if node is not None:
+                stop_server(node)
+
+
 def test_address_policy() -> None:
     default = outbound.Policy()
     ip = ipaddress.ip_address
@@ -278,7 +331,7 @@ async def test_admin_shows_the_secret_and_default_url(app: Quart, settings: Sett
     admin = Admin(admin.client, await login(admin.client, admin_password(settings)))
     code, described = await admin.call("GET", "/admin/api/settings")
     assert code == 200
-    secret = (settings.data_dir / "webhook-secret").read_text().strip()
+    secret = webhook_secret(settings.data_dir, settings.database_url)
     assert described["webhook"]["secret"] == secret
     assert described["webhook"]["signature_header"] == "X-Whisper-Signature"
     assert described["values"]["default_callback_url"] == ""

@@ -4,8 +4,10 @@
   generated and written in clear, once, to `DATA_DIR/admin-password.txt` (0600); the log says
   where that file is (never the password). Changing the password deletes the file.
 - Sessions: a random id in a cookie signed with the appliance's secret (`DATA_DIR/secret.key`,
-  0600, generated at the first start), `HttpOnly`, `SameSite=Strict`, `Secure` over HTTPS. The
-  database keeps only a hash of the id, so logout and a password change end sessions.
+  0600, generated at the first start; on PostgreSQL a row of `auth_secrets` instead, so that
+  every node of a cluster signs alike and a login on one node holds on all), `HttpOnly`,
+  `SameSite=Strict`, `Secure` over HTTPS. The database keeps only a hash of the id, so logout
+  and a password change end sessions.
 - CSRF: every state-changing admin request carries `X-CSRF-Token` (an HMAC of the session id);
   the login form uses a double-submit cookie.
 - API keys `wa_<prefix>_<secret>`: shown once at creation, stored as SHA-256 (they are random
@@ -29,7 +31,7 @@ from typing import Any
 
 from itsdangerous import BadSignature, TimestampSigner
 
-from appliance.core.db import Database
+from appliance.core.db import AnyDatabase, PostgresDatabase, open_database
 from appliance.exceptions import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,37 @@ MIGRATIONS = [
     );
     """,
 ]
+
+PG_MIGRATIONS = [
+    """
+    CREATE TABLE auth_admin (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        password_hash TEXT NOT NULL,
+        changed DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE auth_sessions (
+        id_hash TEXT PRIMARY KEY,
+        created DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        ip TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL UNIQUE,
+        key_hash TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        last_used DOUBLE PRECISION,
+        revoked DOUBLE PRECISION
+    );
+    CREATE TABLE auth_secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+MIGRATIONS_BY_DIALECT = {"sqlite": MIGRATIONS, "postgresql": PG_MIGRATIONS}
 
 
 class AuthError(ApplianceError):
@@ -122,6 +155,7 @@ def check_new_password(password: object) -> str:
 
 def _write_once(path: Path, data: bytes) -> bool:
     """Create `path` 0600 with `data`; False when it exists already (never overwritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -134,13 +168,26 @@ def _write_once(path: Path, data: bytes) -> bool:
 def load_secret(data_dir: Path) -> bytes:
     """The appliance's signing secret, created at the first start (0600, never in code)."""
     path = data_dir / SECRET_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
     _write_once(path, secrets.token_hex(32).encode())
     path.chmod(0o600)
     secret = path.read_bytes().strip()
     if len(secret) < 32:
         raise RuntimeError(f"{path} is too short to be a secret: remove it and restart")
     return secret
+
+
+async def shared_secret(db: PostgresDatabase, name: str) -> str:
+    """A secret every node sharing the database uses (`auth_secrets`): whichever node asks
+    first makes it, the others find it (the insert waits for a concurrent one's commit)."""
+    await db.conn.execute(
+        "INSERT INTO auth_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        (name, secrets.token_hex(32)),
+    )
+    await db.conn.commit()
+    async with db.conn.execute("SELECT value FROM auth_secrets WHERE name = ?", (name,)) as cur:
+        row = await cur.fetchone()
+    assert row is not None  # inserted above or by another node, never deleted
+    return str(row[0])
 
 
 @dataclass
@@ -157,7 +204,7 @@ def _sha256(text: str) -> str:
 class Auth:
     """The admin account, its sessions and the API keys; one instance per app."""
 
-    def __init__(self, db: Database, data_dir: Path, secret: bytes) -> None:
+    def __init__(self, db: AnyDatabase, data_dir: Path, secret: bytes) -> None:
         self.db = db
         self.data_dir = data_dir
         self.secret = secret
@@ -165,9 +212,13 @@ class Auth:
         self._key_used: dict[str, float] = {}
 
     @classmethod
-    async def open(cls, db: Database, data_dir: Path) -> Auth:
-        auth = cls(db, data_dir, load_secret(data_dir))
-        await db.migrate("auth", MIGRATIONS)
+    async def open(cls, db: AnyDatabase, data_dir: Path) -> Auth:
+        await db.migrate("auth", MIGRATIONS_BY_DIALECT)
+        if isinstance(db, PostgresDatabase):
+            secret = (await shared_secret(db, "session")).encode()
+        else:
+            secret = load_secret(data_dir)
+        auth = cls(db, data_dir, secret)
         await auth.ensure_admin()
         return auth
 
@@ -177,16 +228,27 @@ class Auth:
 
     # --- the admin account ---------------------------------------------------------------
     async def ensure_admin(self) -> None:
+        """The first start's admin password. Nodes of a cluster starting together race here:
+        the insert of one waits for the other's commit and then does nothing, so only the
+        node whose password was stored writes its file (any other would not log in)."""
         async with self.db.conn.execute("SELECT 1 FROM auth_admin WHERE id = 1") as cur:
             if await cur.fetchone():
                 return
         password = secrets.token_urlsafe(15)
         stored = await asyncio.to_thread(hash_password, password)
-        _write_once(self.password_file, f"{password}\n".encode())
-        await self.db.conn.execute(
-            "INSERT INTO auth_admin (id, password_hash, changed) VALUES (1, ?, ?)",
+        insert = await self.db.conn.execute(
+            "INSERT INTO auth_admin (id, password_hash, changed) VALUES (1, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
             (stored, time.time()),
         )
+        if not insert.rowcount:  # another node's password is stored
+            await self.db.conn.commit()
+            return
+        try:
+            _write_once(self.password_file, f"{password}\n".encode())
+        except BaseException:
+            await self.db.conn.rollback()
+            raise
         await self.db.conn.commit()
         log.warning(
             "first start: the generated admin password is in %s (readable by the service user "
@@ -360,9 +422,11 @@ class Auth:
         return key_id
 
 
-async def reset_admin_password(db_path: Path, data_dir: Path) -> Path:
-    """`whisper-appliance reset-admin-password`: works while the service runs (SQLite WAL)."""
-    db = await Database.open(db_path)
+async def reset_admin_password(database_url: str, db_path: Path, data_dir: Path) -> Path:
+    """`whisper-appliance reset-admin-password`: works while the service runs (SQLite WAL, or
+    the cluster's PostgreSQL when `database_url` is set: the password file is then written on
+    the node where the command runs, and every node's sessions end)."""
+    db = await open_database(database_url, db_path)
     try:
         auth = await Auth.open(db, data_dir)
         return await auth.reset_password()

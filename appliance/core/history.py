@@ -1,7 +1,23 @@
-"""Transcription history in SQLite: every finished upload, API call and live session.
+"""Transcription history: every finished upload, API call and live session, in SQLite or in
+the cluster's shared PostgreSQL database.
 
-FTS5 indexes the text and file name for search; retention (days, max rows) is applied after
-each insert and at start.
+Search covers the text and the file name: FTS5 on SQLite, on PostgreSQL a generated `tsvector`
+column (the 'simple' configuration: no stemming, like FTS5's unicode61) with a GIN index.
+Retention (days, max rows) is applied after each insert and at start.
+
+Search semantics, the same on both: every term must match, a term of several words is a phrase,
+the last word is a prefix match, and user input is never query syntax. Where PostgreSQL differs
+from FTS5's unicode61 tokenizer:
+- ASCII punctuation is a word break on both (it is translated to spaces in the indexed column
+  and in the query, so `fox.wav`, `a-b`, e-mail addresses and URLs are words as in FTS5, not
+  the single tokens of PostgreSQL's parser); other punctuation and symbols are split off by
+  PostgreSQL's parser, which follows the database's LC_CTYPE (in the C locale it takes every
+  non-ASCII character for a letter).
+- diacritics are not folded (`cafe` does not find `café`); non-ASCII letters are lower-cased
+  only when the database's LC_CTYPE is not C.
+- a last term that PostgreSQL's parser splits further (`«word»`) prefix-matches each part.
+- a text whose index would pass PostgreSQL's 1 MB `tsvector` limit (some 1 MB of distinct
+  words, far beyond a real transcript) is searchable in its first 100,000 characters only.
 """
 
 from __future__ import annotations
@@ -10,12 +26,15 @@ import json
 import math
 import re
 import sqlite3
+import string
 import time
 import uuid
 from dataclasses import asdict, fields
 from typing import Any
 
-from appliance.core.db import Database
+import psycopg
+
+from appliance.core.db import POSTGRESQL, SQLITE, AnyDatabase
 from appliance.core.engines.base import Segment, Transcript, Word
 from appliance.exceptions import ApplianceError
 
@@ -175,6 +194,84 @@ MIGRATIONS = [
     ),
 ]
 
+# ASCII punctuation breaks words in PostgreSQL's search, in the index and in the query alike.
+_WORD_BREAKS = string.punctuation
+_AS_SPACES = str.maketrans(_WORD_BREAKS, " " * len(_WORD_BREAKS))
+_INDEXED_PREFIX = 100_000  # characters indexed of a text too large for one tsvector
+
+# PostgreSQL: always a new database, so one migration makes the current schema. The editor's
+# SQLite triggers are PL/pgSQL triggers here; `transcript_revisions` has a foreign key instead
+# of the delete trigger (PostgreSQL alters a CHECK without rebuilding the table, so nothing
+# drops `transcripts`), which also stops an edit from leaving revisions of an entry deleted
+# while it ran. `search` is generated from the file name (first: tsvector positions stop at
+# 16,383, and a phrase query needs them) and the text.
+PG_MIGRATIONS = [
+    f"""
+    CREATE FUNCTION transcripts_search(filename text, body text) RETURNS tsvector
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+    DECLARE
+        words text := translate(filename || ' ' || body, $p${_WORD_BREAKS}$p$,
+            repeat(' ', {len(_WORD_BREAKS)}));
+    BEGIN
+        RETURN to_tsvector('simple', words);
+    EXCEPTION WHEN program_limit_exceeded THEN  -- over the 1 MB a tsvector may hold
+        RETURN to_tsvector('simple', left(words, {_INDEXED_PREFIX}));
+    END $fn$;
+    CREATE TABLE transcripts (
+        id TEXT PRIMARY KEY,
+        created DOUBLE PRECISION NOT NULL,
+        source TEXT NOT NULL
+            CHECK (source IN ('upload', 'api', 'live', 'asr', 'wyoming', 'realtime', 'inbox')),
+        filename TEXT NOT NULL DEFAULT '',
+        duration DOUBLE PRECISION NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        language TEXT NOT NULL DEFAULT '',
+        task TEXT NOT NULL DEFAULT 'transcribe',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        timings TEXT NOT NULL DEFAULT '{{}}',
+        revision INTEGER NOT NULL DEFAULT 0,
+        speakers TEXT NOT NULL DEFAULT '{{}}',
+        search tsvector GENERATED ALWAYS AS (transcripts_search(filename, text)) STORED
+    );
+    CREATE INDEX transcripts_created ON transcripts(created);
+    CREATE INDEX transcripts_search ON transcripts USING GIN (search);
+    CREATE TABLE transcript_revisions (
+        entry_id TEXT NOT NULL REFERENCES transcripts(id) ON DELETE CASCADE,
+        revision INTEGER NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        note TEXT NOT NULL DEFAULT '',
+        text TEXT NOT NULL,
+        segments TEXT NOT NULL DEFAULT '[]',
+        speakers TEXT NOT NULL DEFAULT '{{}}',
+        PRIMARY KEY (entry_id, revision)
+    );
+    CREATE FUNCTION transcript_revisions_original() RETURNS trigger
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        INSERT INTO transcript_revisions
+            (entry_id, revision, created, note, text, segments, speakers)
+        SELECT id, 0, created, 'original', text, segments, speakers
+        FROM transcripts WHERE id = NEW.entry_id
+        ON CONFLICT DO NOTHING;
+        RETURN NEW;
+    END $fn$;
+    CREATE TRIGGER transcript_revisions_original BEFORE INSERT ON transcript_revisions
+    FOR EACH ROW WHEN (NEW.revision = 1) EXECUTE FUNCTION transcript_revisions_original();
+    CREATE FUNCTION transcript_revisions_latest() RETURNS trigger
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        UPDATE transcripts SET text = NEW.text, segments = NEW.segments,
+            speakers = NEW.speakers, revision = NEW.revision
+        WHERE id = NEW.entry_id;
+        RETURN NULL;
+    END $fn$;
+    CREATE TRIGGER transcript_revisions_latest AFTER INSERT ON transcript_revisions
+    FOR EACH ROW WHEN (NEW.revision > 0) EXECUTE FUNCTION transcript_revisions_latest();
+    """  # noqa: S608 (this module's constants only)
+]
+MIGRATIONS_BY_DIALECT = {SQLITE: MIGRATIONS, POSTGRESQL: PG_MIGRATIONS}
+
 _COLUMNS = "id, created, source, filename, duration, model, language, task, text, revision"
 
 # Bounds of an edit (PATCH /api/history/{id}); the API turns a violation into a 4xx.
@@ -216,15 +313,40 @@ class SearchError(ApplianceError, ValueError):
     """The search text could not be run as a full-text query."""
 
 
-def _fts_query(q: str) -> str:
+def _terms(q: str) -> list[str]:
+    """The search terms: whitespace-separated, without what is never searchable."""
+    return _NOT_SEARCHABLE.sub(" ", q).split()
+
+
+def _fts_query(terms: list[str]) -> str:
     """Quote each term so user input can never be FTS5 syntax; prefix-match the last one."""
-    q = _NOT_SEARCHABLE.sub(" ", q)
-    terms = [t.replace('"', '""') for t in q.split() if t.strip()]
-    if not terms:
-        return ""
-    quoted = [f'"{t}"' for t in terms]
+    quoted = ['"' + t.replace('"', '""') + '"' for t in terms]
     quoted[-1] += "*"
     return " ".join(quoted)
+
+
+def _tsquery(terms: list[str]) -> str:
+    """The terms as text for `to_tsquery('simple', ...)`: each a phrase of its words, all
+    required, the last word a prefix. ASCII punctuation breaks words here as in the index,
+    which leaves no quote or backslash: every quoted word is a plain lexeme, never syntax.
+    Terms of punctuation only drop out, as in FTS5 (an all-punctuation query finds nothing),
+    and as there, the term before a last one that dropped out is no prefix."""
+    phrases = [[f"'{word}'" for word in t.translate(_AS_SPACES).split()] for t in terms]
+    if phrases[-1]:
+        phrases[-1][-1] += ":*"
+    return " & ".join(" <-> ".join(words) for words in phrases if words)
+
+
+# a query that cannot run: FTS5's errors; PostgreSQL's too large a tsquery (54000), too deep
+# a one to evaluate (54001: some 20,000 terms), a syntax or data error
+_SEARCH_ERRORS = (
+    sqlite3.OperationalError,
+    UnicodeError,
+    psycopg.errors.ProgramLimitExceeded,
+    psycopg.errors.StatementTooComplex,
+    psycopg.errors.SyntaxError,
+    psycopg.DataError,
+)
 
 
 class EditError(ValueError):
@@ -359,7 +481,7 @@ def segments_text(segments: list[dict[str, Any]]) -> str:
 
 
 class History:
-    def __init__(self, db: Database, retention_days: int = 0, max_rows: int = 0) -> None:
+    def __init__(self, db: AnyDatabase, retention_days: int = 0, max_rows: int = 0) -> None:
         self.db = db
         self.retention_days = retention_days
         self.max_rows = max_rows
@@ -375,7 +497,7 @@ class History:
             return [dict(r) for r in await cur.fetchall()]
 
     async def migrate(self) -> None:
-        await self.db.migrate("history", MIGRATIONS)
+        await self.db.migrate("history", MIGRATIONS_BY_DIALECT)
         await self.apply_retention()
 
     async def add(
@@ -413,21 +535,24 @@ class History:
     async def list(
         self, q: str = "", limit: int = 20, offset: int = 0
     ) -> tuple[list[dict[str, Any]], int]:
-        match = _fts_query(q)
-        if match:
+        terms = _terms(q)
+        args: tuple[Any, ...] = ()
+        if not terms:
+            where = ""
+        elif self.db.dialect == POSTGRESQL:
+            where, args = "WHERE search @@ to_tsquery('simple', ?)", (_tsquery(terms),)
+        else:
             where = (
                 "WHERE rowid IN (SELECT rowid FROM transcripts_fts WHERE transcripts_fts MATCH ?)"
             )
-            args: tuple[Any, ...] = (match,)
-        else:
-            where, args = "", ()
+            args = (_fts_query(terms),)
         try:
             row = await self._row(
                 f"SELECT count(*) FROM transcripts {where}",  # noqa: S608
                 args,
             )
-        except (sqlite3.OperationalError, UnicodeError) as exc:
-            if not match:
+        except _SEARCH_ERRORS as exc:
+            if not terms:
                 raise
             raise SearchError(f"cannot search for {q!r}: {exc}") from None
         total = int(row[0]) if row else 0
@@ -469,9 +594,10 @@ class History:
         entry = await self.get(entry_id)
         if entry is None:
             return None
+        segments = "segments::json" if self.db.dialect == POSTGRESQL else "segments"
         rows = await self._rows(
-            "SELECT revision, created, note, length(text) AS chars,"
-            " json_array_length(segments) AS segment_count"
+            "SELECT revision, created, note, length(text) AS chars,"  # noqa: S608
+            f" json_array_length({segments}) AS segment_count"
             " FROM transcript_revisions WHERE entry_id = ? ORDER BY revision",
             (entry_id,),
         )
@@ -530,24 +656,29 @@ class History:
 
         One conditional INSERT (its triggers keep the original and update the entry), so two
         editors of the same revision cannot both win: the second gets `RevisionConflict`.
-        None for an unknown entry.
+        None for an unknown entry. On PostgreSQL two such INSERTs can run at once: the second
+        waits for the first's revision row, and ON CONFLICT makes it insert nothing.
         """
-        cur = await self.db.conn.execute(
-            "INSERT INTO transcript_revisions"
-            " (entry_id, revision, created, note, text, segments, speakers)"
-            " SELECT id, revision + 1, ?, ?, ?, ?, ? FROM transcripts"
-            " WHERE id = ? AND revision = ?",
-            (
-                time.time(),
-                note,
-                segments_text(segments),
-                json.dumps(segments),
-                json.dumps(speakers),
-                entry_id,
-                base_revision,
-            ),
-        )
-        if cur.rowcount == 1:
+        try:
+            cur = await self.db.conn.execute(
+                "INSERT INTO transcript_revisions"
+                " (entry_id, revision, created, note, text, segments, speakers)"
+                " SELECT id, revision + 1, ?, ?, ?, ?, ? FROM transcripts"
+                " WHERE id = ? AND revision = ? ON CONFLICT DO NOTHING",
+                (
+                    time.time(),
+                    note,
+                    segments_text(segments),
+                    json.dumps(segments),
+                    json.dumps(speakers),
+                    entry_id,
+                    base_revision,
+                ),
+            )
+            saved = cur.rowcount == 1
+        except psycopg.errors.ForeignKeyViolation:
+            saved = False  # PostgreSQL: the entry was deleted while this edit waited for it
+        if saved:
             # storage stays bounded: the original and the latest MAX_REVISIONS edits
             await self.db.conn.execute(
                 "DELETE FROM transcript_revisions WHERE entry_id = ? AND revision > 0"
@@ -597,8 +728,8 @@ class History:
             removed += cur.rowcount
         if self.max_rows:
             cur = await self.db.conn.execute(
-                "DELETE FROM transcripts WHERE rowid NOT IN "
-                "(SELECT rowid FROM transcripts ORDER BY created DESC LIMIT ?)",
+                "DELETE FROM transcripts WHERE id NOT IN "
+                "(SELECT id FROM transcripts ORDER BY created DESC LIMIT ?)",
                 (self.max_rows,),
             )
             removed += cur.rowcount

@@ -1,18 +1,44 @@
-"""The job queue: every file transcription (upload, API) is a job, kept in SQLite.
+"""The job queue: every file transcription (upload, API) is a job, kept in the database.
 
 A job has an id, a state (queued, running with percent, done, failed, cancelled), a queue
 position and an ETA from the measured speed. The queue is bounded (QueueFullError -> 429 with
 Retry-After); jobs run to the end even when the client that sent them goes away. Inference runs
 in worker threads, never on the event loop; the loop only moves progress to subscribers.
 
-Durability: an accepted job is a row of the `jobs` table and its audio a file in
-`DATA_DIR/jobs` (moved there from the upload temp dir), both written before the client hears
-202. At start, queued rows are queued again in their order; a row still `running` (the server
-died under it) runs again, unless its audio is gone or it was already tried MAX_ATTEMPTS times
-(then it fails with the reason). A graceful stop puts running jobs back to `queued`. The audio
-is deleted when the job finishes; finished rows answer `GET /api/jobs/{id}` for
-JOB_RETENTION_HOURS, then they and any file left in `DATA_DIR/jobs` are pruned. A path read
-from the database is used only when it names a regular file directly inside `DATA_DIR/jobs`.
+Durability (SQLite; PostgreSQL below): an accepted job is a row of the `jobs` table and its
+audio a file in `DATA_DIR/jobs` (moved there from the upload temp dir), both written before
+the client hears 202. At start, queued rows are queued again in their order; a row still
+`running` (the server died under it) runs again, unless its audio is gone or it was already
+tried MAX_ATTEMPTS times (then it fails with the reason). A graceful stop puts running jobs
+back to `queued`. The audio is deleted when the job finishes; finished rows answer
+`GET /api/jobs/{id}` for JOB_RETENTION_HOURS, then they and any file left in `DATA_DIR/jobs`
+are pruned. A path read from the database is used only when it names a regular file directly
+inside `DATA_DIR/jobs`.
+
+On PostgreSQL (`DATABASE_URL`) several appliances share the queue and it survives a node (the
+queue's bound and positions are the cluster's; retention and a graceful stop work as above). A
+worker claims the oldest claimable row with `SELECT ... FOR UPDATE SKIP LOCKED` (one statement,
+so two nodes never claim the same row) and writes its node and a lease (`lease_until`, on the
+database's clock, JOB_LEASE_SECONDS ahead); it renews the lease every third of it while the job
+runs. A row whose lease expired (its node died or hung) is claimable again by any node, its
+attempt counted: after MAX_ATTEMPTS such crashes it fails as on SQLite. A node restarted on the
+same DATA_DIR (its id is kept in `DATA_DIR/node-id`) takes back its own running rows at once.
+Every change of a job is announced with NOTIFY on CHANNEL: each node LISTENs, and then its idle
+workers try a claim and it re-reads the cluster's queue and the jobs it follows (submitted or
+looked at there), so status, queue positions, progress (saved every PROGRESS_SAVE_SECONDS) and
+completion reach every node, and `GET /api/jobs/{id}` (read from the row) and its events work
+on whichever node the load balancer picks. Polling every POLL_SECONDS is the fallback for a
+lost notification connection.
+
+Where the audio lives on PostgreSQL: in the database itself, table `job_audio`, in bytea chunks
+of AUDIO_CHUNK bytes, written with the row in one transaction and streamed in and out one
+chunk at a time (a 100 MB upload is never in memory whole). Any node that can reach the
+database can then run any job, with nothing else to set up, secure, back up or keep consistent:
+a shared file system (NFS) or an object store would be a second shared service whose outage or
+split from the database loses jobs, and whose files a dead node's rows would have to be matched
+with. The cost is database traffic and size for the minutes a job waits; the chunks are deleted
+when the job finishes (and with the row at the latest). The node that runs the job streams the
+audio to a file in its own `DATA_DIR/jobs` and deletes it afterwards.
 """
 
 from __future__ import annotations
@@ -25,7 +51,7 @@ import json
 import logging
 import re
 import shutil
-import sqlite3
+import socket
 import stat
 import threading
 import time
@@ -36,8 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from appliance.core import audio, diarize
-from appliance.core.db import Database
+from appliance.core.db import DB_ERRORS, AnyDatabase, PgConnection, PostgresDatabase, to_pyformat
 from appliance.core.engines import windowed
 from appliance.core.engines.base import Segment, TranscribeOptions, Transcript
 from appliance.core.metrics import Metrics
@@ -51,6 +79,11 @@ MAX_ATTEMPTS = 3  # a job the server died under this many times is not run again
 PROGRESS_SAVE_SECONDS = 2.0  # how often a running job's percent is written to the database
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 AUDIO_NAME = re.compile(r"job-[0-9a-f]{32}")
+NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")
+AUDIO_CHUNK = 1 << 20  # bytes per job_audio row on PostgreSQL
+POLL_SECONDS = 1.0  # PostgreSQL: how often idle workers look for work and nodes re-read jobs
+CHANNEL = "whisper_jobs"  # PostgreSQL: NOTIFY channel, one notification per change of a job
+DB_FAILURES: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
 
 MIGRATIONS = [
     """
@@ -86,6 +119,85 @@ MIGRATIONS = [
     """,
 ]
 
+PG_MIGRATIONS = [
+    # the SQLite schema, plus: `seq` (the queue's order; SQLite has rowid), the claiming node
+    # and its lease, and the audio itself (audio_path is '' here: see the module doc)
+    """
+    CREATE TABLE jobs (
+        seq BIGSERIAL UNIQUE,
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        source TEXT NOT NULL DEFAULT 'api',
+        model TEXT NOT NULL,
+        options TEXT NOT NULL DEFAULT '{}',
+        audio_path TEXT NOT NULL DEFAULT '',
+        filename TEXT NOT NULL DEFAULT '',
+        duration DOUBLE PRECISION NOT NULL DEFAULT 0,
+        percent DOUBLE PRECISION NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        timings TEXT NOT NULL DEFAULT '{}',
+        history_id TEXT,
+        created DOUBLE PRECISION NOT NULL,
+        started DOUBLE PRECISION,
+        finished DOUBLE PRECISION,
+        callback_url TEXT,
+        callback_state TEXT,
+        callbacks TEXT NOT NULL DEFAULT '[]',
+        node TEXT,
+        lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX jobs_state ON jobs(state, seq);
+    CREATE INDEX jobs_finished ON jobs(finished);
+    CREATE TABLE job_audio (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        chunk INTEGER NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (job_id, chunk)
+    );
+    """,
+]
+JOB_MIGRATIONS = {"sqlite": MIGRATIONS, "postgresql": PG_MIGRATIONS}
+
+INSERT_JOB = (
+    "INSERT INTO jobs (id, state, source, model, options, audio_path, filename,"
+    " duration, created, callback_url)"
+    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# times of leases on the database's clock: nodes' clocks may differ
+CLAIM_JOB = """
+    UPDATE jobs SET state = 'running', node = ?, attempts = attempts + 1, percent = 0,
+        started = extract(epoch FROM clock_timestamp())::float8,
+        lease_until = extract(epoch FROM clock_timestamp())::float8 + ?
+    WHERE id = (
+        SELECT id FROM jobs
+        WHERE state = 'queued'
+            OR (state = 'running' AND lease_until < extract(epoch FROM clock_timestamp()))
+        ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+"""
+RENEW_LEASE = """
+    UPDATE jobs SET lease_until = extract(epoch FROM clock_timestamp())::float8 + ?
+    WHERE id = ? AND node = ? AND state = 'running'
+    RETURNING cancel_requested
+"""
+FOLLOWED = (
+    "state",
+    "percent",
+    "started",
+    "finished",
+    "history_id",
+    "error",
+    "timings",
+    "attempts",
+    "duration",
+    "callback_state",
+    "callbacks",
+)
+"""What a node reads back of a job another node runs."""
+
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"
@@ -111,6 +223,12 @@ class JobStoreError(ApplianceError):
 
 class JobCancelledError(ApplianceError):
     pass
+
+
+class AudioMissingError(ApplianceError):
+    """PostgreSQL: the job's audio is not in the database (deleted by hand, or pruned)."""
+
+    code = "upload_missing"
 
 
 @dataclass
@@ -186,13 +304,14 @@ class JobQueue:
         self,
         models: ModelManager,
         *,
-        db: Database,
+        db: AnyDatabase,
         jobs_dir: Path,
         workers: int,
         max_queue: int,
         retention_hours: float = 24,
         on_done: ResultHook | None = None,
         load_result: ResultLoader | None = None,
+        lease_seconds: float = 30,
     ) -> None:
         self.models = models
         self.db = db
@@ -203,6 +322,15 @@ class JobQueue:
         self.retention_hours = retention_hours
         self.on_done = on_done
         self.load_result = load_result
+        self.lease_seconds = lease_seconds  # PostgreSQL: JOB_LEASE_SECONDS
+        self.shared = isinstance(db, PostgresDatabase)  # several nodes share the queue
+        self.node = ""  # PostgreSQL: this node's id in the `node` column (set at start)
+        # the queue's statements; on PostgreSQL a connection of its own (see _exec)
+        self._conn: Any = db.conn
+        self._lock = asyncio.Lock()
+        self._lost: set[str] = set()  # PostgreSQL: jobs running here another node took over
+        self._poked = asyncio.Event()  # PostgreSQL: a job changed somewhere (NOTIFY)
+        self._leases: set[asyncio.Task[None]] = set()  # PostgreSQL: renewing running jobs
         self.max_audio_duration: float | None = None  # MAX_AUDIO_DURATION, set by the app
         self.jobs: dict[str, Job] = {}
         self.pending: deque[Job] = deque()
@@ -220,13 +348,28 @@ class JobQueue:
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Create the table, take back the jobs a previous run left, start the workers."""
-        await self.db.migrate("jobs", MIGRATIONS)
+        await self.db.migrate("jobs", JOB_MIGRATIONS)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.jobs_dir.chmod(0o700)
-        await self._recover()
+        if isinstance(self.db, PostgresDatabase):
+            self._conn = await PgConnection.connect(self.db.conn.url)
+            self.node = await asyncio.to_thread(self._node_id)
+            # this node died under these (it had their lease): claimable now, not after it
+            await self._exec(
+                (
+                    "UPDATE jobs SET lease_until = 0 WHERE node = ? AND state = 'running'",
+                    (self.node,),
+                )
+            )
+            await self._refresh()
+        else:
+            await self._recover()
         await self.prune()
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._prune_periodically()))
+        if self.shared:
+            self._tasks.append(asyncio.create_task(self._follow()))
+            self._tasks.append(asyncio.create_task(self._listen()))
 
     async def stop(self) -> None:
         """Stop the workers; queued and running jobs stay in the database for the next start."""
@@ -234,18 +377,29 @@ class JobQueue:
         running = [j.id for j in interrupted if j.id in self.running]
         for job in interrupted:
             job.cancel_flag.set()  # a running decode stops at its next segment
-        for task in self._tasks:
-            task.cancel()
+        # never while one of them waits for a statement: psycopg would then first ask the
+        # server to cancel it and wait up to 5 s for that (a slow stop on PostgreSQL)
+        async with self._lock:
+            for task in [*self._tasks, *self._leases]:
+                task.cancel()
         for task in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.pending.clear()
         for job_id in running:  # this run does not count as an attempt
-            await self._write(
-                "UPDATE jobs SET state = 'queued', started = NULL, percent = 0,"
-                " attempts = max(attempts - 1, 0) WHERE id = ? AND state = 'running'",
-                (job_id,),
-            )
+            if self.shared:
+                await self._write(
+                    "UPDATE jobs SET state = 'queued', started = NULL, percent = 0, node = NULL,"
+                    " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
+                    " WHERE id = ? AND state = 'running' AND node = ?",
+                    (job_id, self.node),
+                )
+            else:
+                await self._write(
+                    "UPDATE jobs SET state = 'queued', started = NULL, percent = 0,"
+                    " attempts = max(attempts - 1, 0) WHERE id = ? AND state = 'running'",
+                    (job_id,),
+                )
         for job in interrupted:  # wake the clients still waiting in this process
             job.error = {
                 "code": "shutdown",
@@ -253,10 +407,14 @@ class JobQueue:
             }
             job.done.set()
             job.touch()
+        if self._conn is not self.db.conn:
+            await self._conn.close()
 
     # --- client side -----------------------------------------------------------------------
     async def submit(self, job: Job) -> Job:
         """Take over the job's audio file and store the job; only then is it accepted."""
+        if self.shared:
+            await self._refresh_quietly()  # the bound is the cluster's queue
         if len(self.pending) + len(self._incoming) >= self.max_queue:
             job.audio_path.unlink(missing_ok=True)
             self.metrics.jobs_rejected.inc()
@@ -264,41 +422,71 @@ class JobQueue:
         target = self.jobs_dir / f"job-{job.id}"
         self._incoming.add(target.name)
         try:
-            try:
-                await asyncio.to_thread(shutil.move, job.audio_path, target)
-            except OSError as exc:
-                job.audio_path.unlink(missing_ok=True)
-                raise JobStoreError(f"could not keep the upload: {exc}") from None
-            job.audio_path = target
-            try:
-                await self.db.conn.execute(
-                    "INSERT INTO jobs (id, state, source, model, options, audio_path, filename,"
-                    " duration, created, callback_url)"
-                    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job.id,
-                        job.source,
-                        job.model,
-                        options_to_json(job.options),
-                        str(target),
-                        job.filename,
-                        job.duration,
-                        job.created,
-                        job.callback_url,
-                    ),
-                )
-                await self.db.conn.commit()
-            except (sqlite3.Error, ValueError) as exc:
-                target.unlink(missing_ok=True)
-                log.error("could not store job %s: %s", job.id, exc)
-                raise JobStoreError(f"could not store the job: {exc}") from None
+            if self.shared:
+                await self._store_in_database(job)
+            else:
+                await self._store_in_file(job, target)
         finally:
             self._incoming.discard(target.name)
+        job.audio_path = target  # PostgreSQL: where the node that runs it puts its copy
         self.jobs[job.id] = job
-        self.pending.append(job)
+        if self.shared:
+            await self._refresh_quietly()
+        else:
+            self.pending.append(job)
         self.metrics.job_submitted(job)
         self._notify_queue()
         return job
+
+    def _row_values(self, job: Job, audio_path: str) -> tuple[Any, ...]:
+        return (
+            job.id,
+            job.source,
+            job.model,
+            options_to_json(job.options),
+            audio_path,
+            job.filename,
+            job.duration,
+            job.created,
+            job.callback_url,
+        )
+
+    async def _store_in_file(self, job: Job, target: Path) -> None:
+        try:
+            await asyncio.to_thread(shutil.move, job.audio_path, target)
+        except OSError as exc:
+            job.audio_path.unlink(missing_ok=True)
+            raise JobStoreError(f"could not keep the upload: {exc}") from None
+        try:
+            await self._exec((INSERT_JOB, self._row_values(job, str(target))))
+        except DB_FAILURES as exc:
+            await asyncio.to_thread(target.unlink, missing_ok=True)
+            log.error("could not store job %s: %s", job.id, exc)
+            raise JobStoreError(f"could not store the job: {exc}") from None
+
+    async def _store_in_database(self, job: Job) -> None:
+        """Row and audio in one transaction, on a connection of its own: no node sees the job
+        before all of its audio, and the upload neither waits for the queue's statements nor
+        holds them up. The upload's temp file is gone afterwards either way."""
+        assert isinstance(self.db, PostgresDatabase)
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.db.conn.url, connect_timeout=10)
+            async with conn, conn.transaction():
+                await conn.execute(to_pyformat(INSERT_JOB), self._row_values(job, ""))
+                with job.audio_path.open("rb") as upload:
+                    chunk = 0
+                    while data := await asyncio.to_thread(upload.read, AUDIO_CHUNK):
+                        await conn.execute(
+                            "INSERT INTO job_audio (job_id, chunk, data) VALUES (%s, %s, %s)",
+                            (job.id, chunk, data),
+                        )
+                        chunk += 1
+                await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        except (psycopg.Error, OSError, ValueError) as exc:
+            log.error("could not store job %s: %s", job.id, exc)
+            raise JobStoreError(f"could not store the job: {exc}") from None
+        finally:
+            job.audio_path.unlink(missing_ok=True)
 
     async def get(self, job_id: str) -> Job | None:
         """A job in memory, or a finished one from the database within the retention time."""
@@ -308,41 +496,73 @@ class JobQueue:
             if job.state.finished and (job.finished or 0) < cutoff:
                 del self.jobs[job_id]
                 return None
+            if self.shared and not job.state.finished and job.id not in self.running:
+                await self._refresh_quietly(job.id)  # another node may run it: read it now
             return job
         if not JOB_ID.fullmatch(job_id):
             return None
         try:
-            async with self.db.conn.execute(
-                "SELECT * FROM jobs WHERE id = ? AND (finished IS NULL OR finished >= ?)",
-                (job_id, cutoff),
-            ) as cur:
-                row = await cur.fetchone()
-        except (sqlite3.Error, ValueError):
+            rows, _ = await self._exec(
+                (
+                    "SELECT * FROM jobs WHERE id = ? AND (finished IS NULL OR finished >= ?)",
+                    (job_id, cutoff),
+                )
+            )
+        except DB_FAILURES:
             log.exception("could not read job %s", job_id)
             return None
-        if row is None:
+        if not rows:
             return None
-        job = self._from_row(row)
+        job = self._from_row(rows[0])
+        if job.state.finished:
+            await self._done(job)
+        elif self.shared:  # submitted on another node: followed from now on
+            self.jobs[job.id] = job
+            await self._refresh_quietly(job.id)  # and its place in the cluster's queue
+        return job
+
+    async def _done(self, job: Job) -> None:
+        """A job finished elsewhere (another node, a previous run): its result, its waiters."""
         if job.state == JobState.DONE and job.history_id and self.load_result is not None:
             job.result = await self.load_result(job.history_id)
-        if job.state.finished:
-            job.done.set()
-        return job
+            if job.result is not None and not job.segments:  # streams get the text at once
+                job.segments = list(job.result.segments)
+        job.done.set()
 
     async def cancel(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
         if job is None:
-            return await self.get(job_id)
+            job = await self.get(job_id)
+            if job is None or not self.shared:
+                return job
         if job.state.finished:
             return job
         job.cancel_flag.set()
-        if job in self.pending:
+        if self.shared:
+            await self._cancel_shared(job)
+        elif job in self.pending:
             self.pending.remove(job)
             await self._finish(job, JobState.CANCELLED)
             self._notify_queue()
         else:  # running: it stops at its next segment; a restart before that must not re-run it
             await self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
         return job
+
+    async def _cancel_shared(self, job: Job) -> None:
+        """A queued job is cancelled at once, on whichever node; a running one by the node
+        that runs it, which reads `cancel_requested` when it renews the lease (a node that
+        claims a job with the flag set cancels it instead of running it)."""
+        try:
+            rows, _ = await self._exec(
+                ("UPDATE jobs SET cancel_requested = 1 WHERE id = ? RETURNING state", (job.id,))
+            )
+        except DB_FAILURES:
+            log.exception("could not cancel job %s", job.id)
+            return
+        if rows and rows[0]["state"] == JobState.QUEUED:
+            await self._finish(job, JobState.CANCELLED)
+            await self._refresh_quietly()
+            self._notify_queue()
 
     async def wait(self, job: Job) -> Job:
         await job.done.wait()
@@ -360,10 +580,12 @@ class JobQueue:
                 await asyncio.wait_for(changed.wait(), timeout=15)
 
     def position(self, job: Job) -> int | None:
-        try:
-            return self.pending.index(job) + 1
-        except ValueError:
-            return None
+        """1 for the next job to run; by id (PostgreSQL: the queue holds other nodes' jobs
+        as read from the table, not the objects this node follows)."""
+        for index, queued in enumerate(self.pending, start=1):
+            if queued.id == job.id:
+                return index
+        return None
 
     def eta_seconds(self, ahead: int, job: Job | None = None) -> float:
         """Seconds until `job` (with `ahead` jobs before it) is done, from measured speed."""
@@ -411,12 +633,34 @@ class JobQueue:
         }
 
     # --- persistence -----------------------------------------------------------------------
-    async def _write(self, sql: str, args: tuple[Any, ...]) -> bool:
-        """One statement, committed; a failure is logged (the job goes on in memory)."""
+    async def _exec(
+        self, *statements: tuple[str, tuple[Any, ...]], quiet: bool = False
+    ) -> tuple[list[Any], int]:
+        """The statements as one transaction, under the queue's lock: the rows and rowcount of
+        the first. On PostgreSQL the connection is the queue's own, so no other component's
+        statement (or its rollback) lands inside a claim or a finish; a change is announced
+        to the nodes (NOTIFY, sent at the commit) unless `quiet`."""
+        changes = any(not sql.lstrip().startswith("SELECT") for sql, _ in statements)
+        if self.shared and changes and not quiet:
+            statements = (*statements, ("SELECT pg_notify(?, '')", (CHANNEL,)))
+        async with self._lock:
+            rows: list[Any] = []
+            count = 0
+            for index, (sql, args) in enumerate(statements):
+                async with self._conn.execute(sql, args) as cur:
+                    if index == 0:
+                        rows = list(await cur.fetchall())
+                        count = cur.rowcount
+            await self._conn.commit()
+        return rows, count
+
+    async def _write(
+        self, sql: str, args: tuple[Any, ...], *more: tuple[str, tuple[Any, ...]]
+    ) -> bool:
+        """Statements, committed; a failure is logged (the job goes on in memory)."""
         try:
-            await self.db.conn.execute(sql, args)
-            await self.db.conn.commit()
-        except (sqlite3.Error, ValueError):
+            await self._exec((sql, args), *more)
+        except DB_FAILURES:
             log.exception("could not save job state")
             return False
         return True
@@ -439,7 +683,7 @@ class JobQueue:
             return None
         return path if stat.S_ISREG(mode) else None
 
-    def _from_row(self, row: sqlite3.Row) -> Job:
+    def _from_row(self, row: Any) -> Job:
         try:
             options = options_from_json(row["options"])
         except ValueError:
@@ -480,10 +724,9 @@ class JobQueue:
 
     async def _recover(self) -> None:
         """Queue again what a previous run accepted and did not finish."""
-        async with self.db.conn.execute(
-            "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created, rowid"
-        ) as cur:
-            rows = list(await cur.fetchall())
+        rows, _ = await self._exec(
+            ("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created, rowid", ())
+        )
         requeued = 0
         for row in rows:
             try:
@@ -541,14 +784,23 @@ class JobQueue:
         """Delete finished rows past the retention time and audio files no job owns."""
         cutoff = time.time() - self.retention_hours * 3600
         removed = 0
-        try:
-            cur = await self.db.conn.execute(
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (
                 "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?",
                 (cutoff,),
             )
-            removed = cur.rowcount
-            await self.db.conn.commit()
-        except (sqlite3.Error, ValueError):
+        ]
+        if self.shared:  # audio of jobs finished while their node died before deleting it
+            statements.append(
+                (
+                    "DELETE FROM job_audio WHERE job_id IN (SELECT id FROM jobs"
+                    " WHERE state IN ('done', 'failed', 'cancelled'))",
+                    (),
+                )
+            )
+        try:
+            _, removed = await self._exec(*statements)
+        except DB_FAILURES:
             log.exception("could not prune old jobs")
         for job_id in [j.id for j in self.jobs.values() if j.state.finished]:
             if (self.jobs[job_id].finished or 0) < cutoff:
@@ -594,23 +846,79 @@ class JobQueue:
         self._notify_queue()
         return job
 
+    async def _claimed(self) -> Job:
+        """PostgreSQL: the next job this node claimed, from whichever node it was sent to."""
+        while True:
+            self._has_work.clear()
+            try:
+                job = await self._claim()
+            except DB_FAILURES as exc:
+                log.warning("could not look for queued jobs: %s", exc)
+                job = None
+            if job is not None:
+                return job
+            await _wait(self._has_work, POLL_SECONDS)
+
+    async def _claim(self) -> Job | None:
+        """Claim a row (see the module doc); rows that must not run are finished here."""
+        while True:
+            rows, _ = await self._exec((CLAIM_JOB, (self.node, self.lease_seconds)))
+            if not rows:
+                return None
+            row = rows[0]
+            try:
+                options_from_json(row["options"])
+                claimed = self._from_row(row)
+            except (ValueError, KeyError, TypeError):
+                await self._write(
+                    "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                    (time.time(), json.dumps(_error("invalid_job", "unreadable job")), row["id"]),
+                )
+                continue
+            job = self.jobs.setdefault(claimed.id, claimed)
+            self._take_over(job, claimed)
+            crashes = job.attempts - 1  # runs that never finished: their node died
+            if row["cancel_requested"]:
+                await self._finish(job, JobState.CANCELLED)
+            elif crashes >= MAX_ATTEMPTS:
+                await self._finish(
+                    job,
+                    JobState.FAILED,
+                    error=(
+                        "server_crashed",
+                        f"the server stopped {crashes} times while transcribing this "
+                        "file; it is not tried again",
+                    ),
+                )
+            else:
+                if crashes:
+                    log.warning(
+                        "job %s: its node stopped while running it: running it again", job.id
+                    )
+                return job
+
     async def _worker(self, index: int) -> None:
         while True:
-            job = await self._next()
+            job = await (self._claimed() if self.shared else self._next())
             self.running.add(job.id)
             try:
                 await self._run(job)
             except asyncio.CancelledError:
                 raise  # shutdown: stop() puts the job back to queued for the next start
-            except JobCancelledError:
-                await self._finish(job, JobState.CANCELLED)
             except Exception as exc:
-                code = getattr(exc, "code", "transcription_failed")
-                message = getattr(exc, "message", None) or f"transcription failed: {exc}"
-                log.warning("job %s failed: %s", job.id, message)
-                await self._finish(job, JobState.FAILED, error=(code, message))
+                if job.id in self._lost:  # another node runs it now and finishes it
+                    with contextlib.suppress(OSError):
+                        job.audio_path.unlink(missing_ok=True)
+                elif isinstance(exc, JobCancelledError):
+                    await self._finish(job, JobState.CANCELLED)
+                else:
+                    code = getattr(exc, "code", "transcription_failed")
+                    message = getattr(exc, "message", None) or f"transcription failed: {exc}"
+                    log.warning("job %s failed: %s", job.id, message)
+                    await self._finish(job, JobState.FAILED, error=(code, message))
             finally:
                 self.running.discard(job.id)
+                self._lost.discard(job.id)
 
     def _progress(self, job: Job) -> None:
         """On the loop, after each segment: wake subscribers, now and then save the percent."""
@@ -628,15 +936,65 @@ class JobQueue:
             task.add_done_callback(self._background.discard)
 
     async def _run(self, job: Job) -> None:
-        job.state = JobState.RUNNING
-        job.started = time.time()
-        job.attempts += 1
         job.saved_at = time.monotonic()
-        await self._write(
-            "UPDATE jobs SET state = 'running', started = ?, percent = 0, attempts = ?"
-            " WHERE id = ?",
-            (job.started, job.attempts, job.id),
-        )
+        if not self.shared:
+            job.state = JobState.RUNNING
+            job.started = time.time()
+            job.attempts += 1
+            await self._write(
+                "UPDATE jobs SET state = 'running', started = ?, percent = 0, attempts = ?"
+                " WHERE id = ?",
+                (job.started, job.attempts, job.id),
+            )
+            await self._transcribe(job)
+            return
+        lease = asyncio.create_task(self._keep_lease(job))  # claimed: state and attempt saved
+        self._leases.add(lease)
+        try:
+            await self._fetch_audio(job)
+            await self._transcribe(job)
+        finally:
+            lease.cancel()
+            self._leases.discard(lease)
+
+    async def _keep_lease(self, job: Job) -> None:
+        """Renew the lease of a job running here every third of it. A cancel asked on any node
+        arrives here; a job another node took over (this one stalled past its lease) stops."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                rows, _ = await self._exec(
+                    (RENEW_LEASE, (self.lease_seconds, job.id, self.node)), quiet=True
+                )
+            except DB_FAILURES as exc:
+                log.warning("could not renew the lease of job %s: %s", job.id, exc)
+                continue
+            if not rows:
+                log.warning("job %s was taken over by another node: stopping it here", job.id)
+                self._lost.add(job.id)
+                job.cancel_flag.set()
+                return
+            if rows[0]["cancel_requested"]:
+                job.cancel_flag.set()
+
+    async def _fetch_audio(self, job: Job) -> None:
+        """Stream the job's audio out of the database into `jobs_dir`, a chunk at a time."""
+        target = self.jobs_dir / f"job-{job.id}"
+        chunk = 0
+        with target.open("wb") as out:
+            while True:
+                rows, _ = await self._exec(
+                    ("SELECT data FROM job_audio WHERE job_id = ? AND chunk = ?", (job.id, chunk))
+                )
+                if not rows:
+                    break
+                await asyncio.to_thread(out.write, rows[0]["data"])
+                chunk += 1
+        job.audio_path = target
+        if not chunk:
+            raise AudioMissingError("the uploaded file of this job is gone; send it again")
+
+    async def _transcribe(self, job: Job) -> None:
         self.metrics.job_started(job)
         job.touch()
         async with self.models.use(job.model) as model:
@@ -681,6 +1039,8 @@ class JobQueue:
             "transcribe_seconds": round(t2 - t1, 3),
             "realtime_factor": round(job.duration / max(t2 - t1, 1e-6), 2),
         }
+        if job.id in self._lost:
+            raise JobCancelledError  # the node that took it over saves the result
         if self.on_done is not None:
             job.history_id = await self.on_done(job)
         await self._finish(job, JobState.DONE)
@@ -694,20 +1054,28 @@ class JobQueue:
             job.percent = 100.0
         if error:
             job.error = _error(*error)
-        await self._write(
-            "UPDATE jobs SET state = ?, finished = ?, percent = ?, error = ?, timings = ?,"
-            " history_id = ?, duration = ? WHERE id = ?",
-            (
-                state.value,
-                job.finished,
-                round(job.percent, 1),
-                json.dumps(job.error) if job.error else None,
-                json.dumps(job.timings),
-                job.history_id,
-                job.duration,
-                job.id,
-            ),
+        values = (
+            state.value,
+            job.finished,
+            round(job.percent, 1),
+            json.dumps(job.error) if job.error else None,
+            json.dumps(job.timings),
+            job.history_id,
+            job.duration,
+            job.id,
         )
+        update = (
+            "UPDATE jobs SET state = ?, finished = ?, percent = ?, error = ?, timings = ?,"
+            " history_id = ?, duration = ? WHERE id = ?"
+        )
+        if self.shared:  # never over a row another node claimed since
+            await self._write(
+                update + " AND (node IS NULL OR node = ?)",
+                (*values, self.node),
+                ("DELETE FROM job_audio WHERE job_id = ?", (job.id,)),
+            )
+        else:
+            await self._write(update, values)
         # the path is ours (made in submit, or rebuilt from the id at recovery)
         with contextlib.suppress(OSError):
             job.audio_path.unlink(missing_ok=True)
@@ -721,10 +1089,106 @@ class JobQueue:
                 log.exception("finish hook failed for job %s", job.id)
         self._forget_old()
 
+    # --- PostgreSQL: the cluster's view --------------------------------------------------
+    def _node_id(self) -> str:
+        """This node's id, kept in DATA_DIR: after a crash the node knows its own rows."""
+        path = self.data_dir / "node-id"
+        with contextlib.suppress(OSError, UnicodeError):
+            node = path.read_text().strip()
+            if NODE_ID.fullmatch(node):
+                return node
+        node = f"{socket.gethostname()[:60]}-{uuid.uuid4().hex[:12]}"
+        if not NODE_ID.fullmatch(node):
+            node = uuid.uuid4().hex
+        path.write_text(node + "\n")
+        return node
+
+    async def _follow(self) -> None:
+        while True:
+            await _wait(self._poked, POLL_SECONDS)
+            self._poked.clear()
+            await self._refresh_quietly()
+
+    async def _listen(self) -> None:
+        """Wake the followers and the idle workers when a job changed on any node (NOTIFY);
+        while the connection for it is down, they poll."""
+        assert isinstance(self.db, PostgresDatabase)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.db.conn.url, autocommit=True, connect_timeout=10
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    async for _ in conn.notifies():
+                        self._poked.set()
+                        self._has_work.set()
+            except psycopg.Error as exc:
+                log.warning("no job notifications (%s): polling until they are back", exc)
+            await asyncio.sleep(5 * POLL_SECONDS)
+
+    async def _refresh_quietly(self, *only: str) -> None:
+        try:
+            await self._refresh(*only)
+        except DB_FAILURES as exc:
+            log.warning("could not read the job queue: %s", exc)
+
+    async def _refresh(self, *only: str) -> None:
+        """Re-read the cluster's queue (positions, ETA, the bound) and the jobs this node
+        follows but does not run (or `only` these): what other nodes wrote reaches its
+        clients this way. A cancel asked on another node reaches the jobs running here."""
+        followed = list(only) or [j.id for j in self.jobs.values() if not j.state.finished]
+        rows, _ = await self._exec(
+            ("SELECT * FROM jobs WHERE state = 'queued' OR id = ANY(?) ORDER BY seq", (followed,))
+        )
+        pending: list[Job] = []
+        for row in rows:
+            try:
+                fresh = self._from_row(row)
+            except (ValueError, KeyError, TypeError):
+                continue
+            job = self.jobs.get(fresh.id)
+            if job is None:  # queued on another node: counted here, not followed
+                job = fresh
+            elif job.id in self.running:
+                if row["cancel_requested"]:
+                    job.cancel_flag.set()
+            elif not job.state.finished and self._take_over(job, fresh):
+                # (finished is final here: a row read before our own finish is older)
+                if job.state.finished:
+                    await self._done(job)
+                job.touch()
+            if job.state == JobState.QUEUED:
+                pending.append(job)
+        moved = [j.id for j in pending] != [j.id for j in self.pending]
+        self.pending = deque(pending)
+        if moved:
+            self._notify_queue()
+        self._forget_old()
+
+    @staticmethod
+    def _take_over(job: Job, fresh: Job) -> bool:
+        """Copy what another node wrote of a job into ours; True if a client sees a change."""
+        changed = False
+        for name in FOLLOWED:
+            value = getattr(fresh, name)
+            if getattr(job, name) != value:
+                setattr(job, name, value)
+                changed = True
+        return changed
+
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs.values() if j.state.finished]
         for job in sorted(finished, key=lambda j: j.finished or 0)[:-FINISHED_JOBS_KEPT]:
             del self.jobs[job.id]
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set or `seconds` passed. Not `asyncio.wait_for`: on Python 3.11 it
+    swallows a cancel that comes with the event (NOTIFY) and the task would outlive stop()."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 def _error(code: str, message: str) -> dict[str, str]:

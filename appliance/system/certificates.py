@@ -107,6 +107,11 @@ def tls_dir(settings: Settings) -> Path:
 
 
 def ca_cert_path(settings: Settings) -> Path:
+    """The CA certificate /ca.crt offers: the one that issued a custom certificate
+    (`SSL_CA_PATH`, e.g. a cluster's CA, so every node and the load balancer offer the same),
+    else the generated one."""
+    if settings.ssl_ca_path is not None:
+        return settings.ssl_ca_path
     return tls_dir(settings) / CA_FILE
 
 
@@ -333,8 +338,30 @@ def server_certificate(settings: Settings) -> tuple[Path, Path]:
     """(certificate, key) files Hypercorn should serve: the custom pair or the generated one."""
     if settings.ssl_cert_path is not None and settings.ssl_key_path is not None:
         check_custom_certificate(settings.ssl_cert_path, settings.ssl_key_path)
+        if settings.ssl_ca_path is not None:
+            check_issuing_ca(settings.ssl_ca_path, settings.ssl_cert_path)
         return settings.ssl_cert_path, settings.ssl_key_path
     return ensure_server_certificate(tls_dir(settings))
+
+
+def check_issuing_ca(ca_file: Path, cert_file: Path) -> None:
+    """Refuse an `SSL_CA_PATH` that is not a CA certificate or did not sign the custom one:
+    browsers told to trust it would still refuse the appliance."""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TLSError(f"SSL_CA_PATH {ca_file}: holds no PEM certificate ({exc})") from None
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise TLSError(f"SSL_CA_PATH {ca_file}: not a CA certificate")
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TLSError(f"SSL_CA_PATH {ca_file} did not issue SSL_CERT_PATH {cert_file}") from None
 
 
 def ca_fingerprint(settings: Settings) -> str | None:

@@ -53,8 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "reset-admin-password":
         from appliance.core.auth import reset_admin_password
+        from appliance.core.db import StartupError
 
-        path = asyncio.run(reset_admin_password(settings.db_path, settings.data_dir))
+        try:
+            path = asyncio.run(
+                reset_admin_password(settings.database_url, settings.db_path, settings.data_dir)
+            )
+        except StartupError as exc:  # the database is unreachable or unusable
+            print(f"whisper-appliance: {exc}", file=sys.stderr)
+            return 1
         print(f"new admin password written to {path}")
         return 0
     from appliance.core.engines import create_engine

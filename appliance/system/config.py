@@ -175,6 +175,30 @@ def _http_url(text: str) -> str:
     return value
 
 
+def _database_url(text: str) -> str:
+    """Empty (the embedded SQLite file) or a libpq URL `postgresql://user:password@host/db`;
+    a refusal never repeats the URL (it may hold a password)."""
+    value = text.strip()
+    if not value:
+        return ""
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            "expected empty (SQLite in DATA_DIR) or a URL such as"
+            " postgresql://whisper:password@db.lan:5432/whisper"
+        )
+    from psycopg.conninfo import conninfo_to_dict  # only when one is set
+
+    try:
+        info = conninfo_to_dict(value)
+    except Exception:  # psycopg.ProgrammingError and friends: the message below
+        raise ValueError("not a valid PostgreSQL URL (check quoting and the port)") from None
+    for port in str(info.get("port") or "5432").split(","):  # libpq: one per host
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("not a valid PostgreSQL URL: the port must be 1-65535")
+    return value
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
@@ -287,6 +311,13 @@ class Settings(EnvSettings):
     )
     ssl_key_path: Path | None = _env(
         "SSL_KEY_PATH", _optional_path, None, "Key of the custom certificate (PEM)"
+    )
+    ssl_ca_path: Path | None = _env(
+        "SSL_CA_PATH",
+        _optional_path,
+        None,
+        "CA certificate (PEM) that issued SSL_CERT_PATH, offered at /ca.crt and /trust"
+        " (a cluster's CA); empty = none with a custom certificate",
     )
     whisper_model: str = _env(
         "WHISPER_MODEL", parse_model_name, "tiny.en", "Default model, warmed up at start"
@@ -449,13 +480,13 @@ class Settings(EnvSettings):
     live_sentence_commits: bool = _env(
         "LIVE_SENTENCE_COMMITS",
         parse_bool,
-        False,
+        True,
         "Live finals per sentence as soon as two decodes agree on it (else at pauses only)",
     )
     live_batch_decodes: bool = _env(
         "LIVE_BATCH_DECODES",
         parse_bool,
-        False,
+        True,
         "Decode the live sessions of one model together, in one batch per engine call",
     )
     update_source: str = _env(
@@ -510,6 +541,21 @@ class Settings(EnvSettings):
         int_range(1, 3600),
         30,
         "Seconds a Wyoming connection may stay without events (without audio inside a request)",
+    )
+    # --- cluster (issue 16): shared state on PostgreSQL ---
+    database_url: str = _env(
+        "DATABASE_URL",
+        _database_url,
+        "",
+        "PostgreSQL URL shared by the appliances of a cluster (history, keys, sessions, settings,"
+        " job queue); empty = the SQLite file in DATA_DIR",
+    )
+    job_lease_seconds: float = _env(
+        "JOB_LEASE_SECONDS",
+        seconds(2, 3600),
+        30,
+        "On PostgreSQL: a running job's lease, renewed by its node every third of it; a job"
+        " whose node stopped renewing (it died) is taken over by another node when it expires",
     )
     # --- monitoring (issue 14): GET /metrics ---
     metrics_token: str = _env(

@@ -20,7 +20,7 @@ from quart_schema import Info, QuartSchema
 
 from appliance import __version__
 from appliance.core.auth import Auth
-from appliance.core.db import Database, StartupError
+from appliance.core.db import POSTGRESQL, AnyDatabase, StartupError, open_database
 from appliance.core.engines import create_engine
 from appliance.core.history import History
 from appliance.core.jobs import Job, JobQueue
@@ -46,7 +46,7 @@ async def build_services(settings: Settings) -> Services:
         prepare_tmp_dir(settings.tmp_dir)
     except OSError as exc:
         raise StartupError(f"DATA_DIR {settings.data_dir} is not usable: {exc}") from exc
-    db = await Database.open(settings.db_path)
+    db = await open_database(settings.database_url, settings.db_path)
     try:
         return await _build_on(settings, db)
     except BaseException:
@@ -54,7 +54,7 @@ async def build_services(settings: Settings) -> Services:
         raise
 
 
-async def _build_on(settings: Settings, db: Database) -> Services:
+async def _build_on(settings: Settings, db: AnyDatabase) -> Services:
     history = History(db, settings.history_retention_days, settings.history_max_rows)
     await history.migrate()
     engine = create_engine(
@@ -94,6 +94,7 @@ async def _build_on(settings: Settings, db: Database) -> Services:
         retention_hours=settings.job_retention_hours,
         on_done=save,
         load_result=history.transcript,
+        lease_seconds=settings.job_lease_seconds,
     )
     jobs.max_audio_duration = settings.max_audio_duration
     auth = await Auth.open(db, settings.data_dir)
@@ -107,7 +108,10 @@ async def _build_on(settings: Settings, db: Database) -> Services:
         limiters=Limiters.from_settings(settings),
     )
     # the runtime settings (admin panel) are published before anything reads them
-    await SettingsStore(db, services).load()
+    store = SettingsStore(db, services)
+    await store.load()
+    if db.dialect == POSTGRESQL:  # other nodes change them too
+        store.start_refreshing()
     await jobs.start()
     try:
         await _start_features(services)
@@ -143,6 +147,9 @@ async def stop_services(services: Services, *, close_db: bool = True) -> None:
     if services.inbox is not None:  # before the jobs: its claims resume at the next start
         await services.inbox.stop()
     await services.jobs.stop()
+    store = getattr(services, "settings_store", None)  # unset if the start failed early
+    if store is not None:
+        await store.stop()
     services.models.close()
     if close_db:
         await services.db.close()

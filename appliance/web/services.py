@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from quart import current_app
 
 from appliance.core.auth import Auth
-from appliance.core.db import Database
+from appliance.core.db import AnyDatabase
 from appliance.core.history import History
 from appliance.core.jobs import JobQueue
 from appliance.core.model_manager import ModelManager
@@ -83,7 +83,7 @@ class RuntimeSettings:
 @dataclass
 class Services:
     settings: Settings
-    db: Database
+    db: AnyDatabase
     history: History
     models: ModelManager
     jobs: JobQueue

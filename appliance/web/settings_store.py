@@ -4,18 +4,21 @@ The effective values are published as the typed `Services.runtime` (`RuntimeSett
 `default_model`, `default_language`, `max_upload_size`, `require_api_key`, `allowed_origins`,
 `live_max_sessions`, `live_max_minutes`, `default_callback_url`), where the rest of the
 appliance reads them, and the history retention is applied to the running `History`. The
-environment defaults are applied here, once (`FIELDS`).
+environment defaults are applied here, once (`FIELDS`). On a cluster's shared PostgreSQL each
+node polls the table (`REFRESH_SECONDS`), so a change made on one node reaches every node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.core.db import Database
+from appliance.core.db import DB_ERRORS, AnyDatabase
 from appliance.exceptions import ApplianceError
 from appliance.system.config import (
     Settings,
@@ -28,6 +31,8 @@ from appliance.web.services import RuntimeSettings, Services
 
 log = logging.getLogger(__name__)
 
+REFRESH_SECONDS = 5.0  # how soon another node's change applies here (shared database only)
+
 MIGRATIONS = [
     """
     CREATE TABLE runtime_settings (
@@ -37,6 +42,18 @@ MIGRATIONS = [
     );
     """,
 ]
+
+PG_MIGRATIONS = [
+    """
+    CREATE TABLE runtime_settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        changed DOUBLE PRECISION NOT NULL
+    );
+    """,
+]
+
+MIGRATIONS_BY_DIALECT = {"sqlite": MIGRATIONS, "postgresql": PG_MIGRATIONS}
 
 MAX_UPLOAD_LIMIT = 10 * 1024**3
 
@@ -102,19 +119,26 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[Settings], Any]]] = {
 
 
 class SettingsStore:
-    def __init__(self, db: Database, services: Services) -> None:
+    def __init__(self, db: AnyDatabase, services: Services) -> None:
         self.db = db
         self.services = services
         self.values: dict[str, Any] = {}
         self.overridden: set[str] = set()
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         return {name: default(self.services.settings) for name, (_, default) in FIELDS.items()}
 
     async def load(self) -> dict[str, Any]:
-        await self.db.migrate("settings", MIGRATIONS)
-        values = self.defaults
+        await self.db.migrate("settings", MIGRATIONS_BY_DIALECT)
+        values, self.overridden = await self._read()
+        self._publish(values)
+        return values
+
+    async def _read(self) -> tuple[dict[str, Any], set[str]]:
+        """The stored values over the defaults, and which keys are stored."""
+        values, overridden = self.defaults, set()
         async with self.db.conn.execute("SELECT key, value FROM runtime_settings") as cur:
             rows = await cur.fetchall()
         for key, raw in rows:
@@ -122,11 +146,46 @@ class SettingsStore:
                 continue
             try:
                 values[key] = FIELDS[key][0](json.loads(raw))
-                self.overridden.add(key)
+                overridden.add(key)
             except ValueError:
                 log.warning("ignoring the stored setting %s: no longer valid", key)
+        return values, overridden
+
+    async def refresh(self) -> bool:
+        """Take over what another node of a cluster changed in the shared database; True if
+        anything did. Effects as in `update` (retention, warming the new default model)."""
+        values, overridden = await self._read()
+        if values == self.values and overridden == self.overridden:
+            return False
+        changed = sorted(k for k in values if values[k] != self.values.get(k))
+        previous_model = self.values.get("default_model")
+        self.overridden = overridden
         self._publish(values)
-        return values
+        log.info("runtime settings changed on another node: %s", ", ".join(changed) or "none")
+        if {"history_retention_days", "history_max_rows"} & set(changed):
+            await self.services.history.apply_retention()
+        if values["default_model"] != previous_model:
+            self.warm_up(values["default_model"])
+        return True
+
+    def start_refreshing(self, interval: float = REFRESH_SECONDS) -> None:
+        """On a shared database, poll for other nodes' changes every `interval` seconds."""
+        self._refresher = asyncio.create_task(self._refresh_periodically(interval))
+
+    async def _refresh_periodically(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except DB_ERRORS as exc:  # the database is away for a moment: next round
+                log.warning("cannot read the runtime settings: %s", exc)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
 
     def validate(self, changes: Any) -> dict[str, Any]:
         if not isinstance(changes, dict):

@@ -218,7 +218,9 @@ async def trust() -> str:
             "trust",
             "Trust this appliance's certificate",
             fingerprint=ca_fingerprint(settings),
-            custom=settings.ssl_cert_path is not None,
+            # a custom certificate with its issuer named (SSL_CA_PATH) offers that issuer
+            custom=settings.ssl_cert_path is not None and settings.ssl_ca_path is None,
+            ca_path=str(ca_cert_path(settings)),
             https=settings.https_enabled,
         ),
     )

@@ -2,7 +2,8 @@
 
 The body is JSON (see `payload`); it is signed with HMAC-SHA256 under the appliance's webhook
 secret (`DATA_DIR/webhook-secret`, 64 hex characters made at first start, shown in the admin
-panel) over `"<timestamp>." + body`, the timestamp being the `X-Whisper-Timestamp` header:
+panel; on PostgreSQL one row of `auth_secrets` that every node of a cluster signs with) over
+`"<timestamp>." + body`, the timestamp being the `X-Whisper-Timestamp` header:
 
     X-Whisper-Timestamp: 1767225600
     X-Whisper-Signature: sha256=<hex HMAC-SHA256(secret, b"1767225600." + raw body)>
@@ -14,7 +15,9 @@ second attempt and twice as long before each next one. Every attempt is appended
 survive a restart: at start every finished job whose callback is not delivered or given up
 (`callback_state` NULL or `pending`) carries on where it stopped, its waits counted from the
 time of its last attempt. A crash during an attempt can send the same body twice: receivers
-deduplicate on `job_id`.
+deduplicate on `job_id`. On PostgreSQL the nodes of a cluster resume each other's deliveries
+too, one node per job at a time (an advisory lock of the node's connection, so a delivery
+of a node that died resumes when any node starts).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from appliance.core import formats
-from appliance.core.jobs import Job, JobQueue
+from appliance.core.auth import shared_secret
+from appliance.core.db import DB_ERRORS, AnyDatabase, PostgresDatabase
+from appliance.core.jobs import DB_FAILURES, Job, JobQueue
 from appliance.web import outbound
 from appliance.web.errors import APIError
 from appliance.web.services import Services
@@ -45,10 +49,19 @@ SIGNATURE_HEADER = "X-Whisper-Signature"
 TIMESTAMP_HEADER = "X-Whisper-Timestamp"
 EVENT = "job.finished"
 ATTEMPT_TIMEOUT = 10.0  # seconds for one attempt (connect, send, status line)
+DELIVERY_LOCK = 0x5748  # PostgreSQL: pg_try_advisory_lock(DELIVERY_LOCK, hashtext(job id))
 
 
-def load_secret(data_dir: Path) -> str:
-    """The appliance's webhook secret, made (0600) at the first start."""
+async def load_secret(db: AnyDatabase, data_dir: Path) -> str:
+    """The appliance's webhook secret: the cluster's on PostgreSQL (a receiver verifies every
+    node's deliveries with the one secret), else this appliance's file."""
+    if isinstance(db, PostgresDatabase):
+        return await shared_secret(db, "webhook")
+    return _file_secret(data_dir)
+
+
+def _file_secret(data_dir: Path) -> str:
+    """The webhook secret file, made (0600) at the first start."""
     path = data_dir / SECRET_FILE
     try:
         secret = path.read_text().strip()
@@ -112,7 +125,7 @@ class Dispatcher:
         self.services = services
         self.jobs: JobQueue = services.jobs
         settings = services.settings
-        self.secret = load_secret(settings.data_dir)
+        self.secret = ""  # read by `start`
         self.policy = outbound.Policy.from_settings(settings)
         self.max_attempts = settings.webhook_max_attempts
         self.retry_seconds = float(settings.webhook_retry_seconds)
@@ -120,6 +133,7 @@ class Dispatcher:
         self.stopped = False
 
     async def start(self) -> None:
+        self.secret = await load_secret(self.services.db, self.services.settings.data_dir)
         self.jobs.on_finished = self.enqueue
         try:
             async with self.services.db.conn.execute(
@@ -129,7 +143,7 @@ class Dispatcher:
                 " ORDER BY finished"
             ) as cur:
                 rows = list(await cur.fetchall())
-        except sqlite3.Error:
+        except DB_ERRORS:
             log.exception("could not read the pending webhooks")
             return
         if rows:
@@ -163,15 +177,49 @@ class Dispatcher:
 
     async def _deliver(self, job_id: str, job: Job | None) -> None:
         try:
-            if job is None:
-                job = await self.jobs.get(job_id)
-            if job is None or not job.callback_url:
+            if not await self._lock(job_id, "pg_try_advisory_lock"):
+                log.info("webhook of job %s: another node is delivering it", job_id)
                 return
-            await self._run(job, job.callback_url)
+            try:
+                if job is None:
+                    job = await self.jobs.get(job_id)
+                if job is None or not job.callback_url or not await self._current(job):
+                    return
+                await self._run(job, job.callback_url)
+            finally:
+                await self._lock(job_id, "pg_advisory_unlock")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("webhook of job %s: delivery failed unexpectedly", job_id)
+
+    async def _lock(
+        self, job_id: str, function: Literal["pg_try_advisory_lock", "pg_advisory_unlock"]
+    ) -> bool:
+        """PostgreSQL: take or release the job's delivery lock (True elsewhere). A node that
+        starts resumes every pending delivery, some of which other nodes are making."""
+        db = self.services.db
+        if not isinstance(db, PostgresDatabase):
+            return True
+        async with db.conn.execute(
+            f"SELECT {function}(?, hashtext(?))", (DELIVERY_LOCK, job_id)
+        ) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def _current(self, job: Job) -> bool:
+        """PostgreSQL: the job's attempts as stored, which another node may have made since
+        this one read the job; False when nothing is left to deliver."""
+        if not isinstance(self.services.db, PostgresDatabase):
+            return True
+        async with self.services.db.conn.execute(
+            "SELECT callback_state, callbacks FROM jobs WHERE id = ?", (job.id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] not in (None, "pending"):
+            return False
+        job.callback_state, job.callbacks = row[0], json.loads(row[1])
+        return True
 
     async def _run(self, job: Job, url: str) -> None:
         body = payload(job)
@@ -254,7 +302,7 @@ class Dispatcher:
                 (job.callback_state, json.dumps(job.callbacks), job.id),
             )
             await self.services.db.conn.commit()
-        except (sqlite3.Error, ValueError):
+        except DB_FAILURES:
             log.exception("could not save the webhook state of job %s", job.id)
 
 
