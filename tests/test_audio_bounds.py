@@ -212,6 +212,7 @@ class SpyModel:
     """A fake engine: one segment per 5 s of what it is given, records every call."""
 
     is_multilingual = True
+    decodes_in_batches = False
 
     def __init__(self) -> None:
         self.calls: list[tuple[Audio, TranscribeOptions]] = []

@@ -93,6 +93,7 @@ class Hallucinating:
     """Speech, then a loop inside a segment, then 'Good.' every second past the end."""
 
     is_multilingual = False
+    decodes_in_batches = False
 
     def __init__(self, duration: float) -> None:
         self.duration = duration

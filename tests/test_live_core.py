@@ -194,6 +194,8 @@ async def test_session_skips_partials_when_behind_but_never_audio(
 class OpaqueModel:
     """An engine model that is not faster-whisper: the decoder must use `transcribe`."""
 
+    decodes_in_batches = False
+
     def __init__(self, inner: LoadedModel) -> None:
         self.inner = inner
 

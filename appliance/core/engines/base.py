@@ -100,6 +100,10 @@ class LoadedModel(Protocol):
     @property
     def is_multilingual(self) -> bool: ...
 
+    # True when `TranscribeOptions.batched` decodes in VAD-chunked batches: only the chunks'
+    # features are held, so `windowed` gives such a model longer windows
+    decodes_in_batches: bool
+
     def transcribe(
         self, audio: Audio, options: TranscribeOptions
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]: ...

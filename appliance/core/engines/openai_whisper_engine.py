@@ -56,6 +56,8 @@ def _import_whisper() -> Any:
 
 
 class OpenAIWhisperModel:
+    decodes_in_batches = False  # whisper.transcribe: sequential windows only
+
     def __init__(self, model_dir: Path, cache_dir: Path | None = None) -> None:
         whisper = _import_whisper()
         self._whisper = whisper

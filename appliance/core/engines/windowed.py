@@ -36,6 +36,11 @@ from appliance.core.engines.base import (
 )
 
 WINDOW_SECONDS = 180
+# batched decoding (`TranscribeOptions.batched`) holds only the features of its chunks of speech
+# (1 MB per 30 s), not the window's whole spectrogram: its windows are longer, so that a
+# window's chunks fill whole batches on every core (three 180 s windows of 3 chunks each kept
+# one of 2 cores idle a third of the time)
+BATCHED_WINDOW_SECONDS = 600
 CUT_SEARCH_SECONDS = 30
 _CUT_FRAME = SAMPLE_RATE // 10  # the quietest 100 ms decides where a window ends
 MAX_REPEATS = 3  # a word run or a segment text may come this many times in a row, no more
@@ -50,7 +55,7 @@ class Samples(Protocol):
     def read(self, start: int, stop: int) -> Audio: ...
 
 
-class _ArraySamples:
+class ArraySamples:
     def __init__(self, audio: Audio) -> None:
         self._audio = audio
 
@@ -66,16 +71,20 @@ def transcribe(
     audio: Samples | Audio,
     options: TranscribeOptions,
     *,
-    window_seconds: float = WINDOW_SECONDS,
+    window_seconds: float | None = None,
 ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
-    """`model.transcribe`, window by window when the audio is longer than one window."""
-    source: Samples = _ArraySamples(audio) if isinstance(audio, np.ndarray) else audio
+    """`model.transcribe`, window by window when the audio is longer than one window
+    (`window_seconds`, by default `BATCHED_WINDOW_SECONDS` or `WINDOW_SECONDS`)."""
+    source: Samples = ArraySamples(audio) if isinstance(audio, np.ndarray) else audio
     total = len(source)
+    if window_seconds is None:
+        batched = options.batched and model.decodes_in_batches
+        window_seconds = BATCHED_WINDOW_SECONDS if batched else WINDOW_SECONDS
     window = max(SAMPLE_RATE, round(window_seconds * SAMPLE_RATE))
     if total <= window:
         info, segments = model.transcribe(source.read(0, total), options)
         return info, guard(segments, total / SAMPLE_RATE)
-    stop = _cut(source, 0, window)
+    stop = quiet_cut(source, 0, window)
     info, first = model.transcribe(source.read(0, stop), options)
     whole = TranscriptionInfo(info.language, info.language_probability, total / SAMPLE_RATE)
     rest = options if options.language else replace(options, language=info.language)
@@ -157,11 +166,11 @@ def _segments(
             next_id += 1
         if stop >= total:
             return
-        start, stop = stop, _cut(source, stop, window)
+        start, stop = stop, quiet_cut(source, stop, window)
         _info, segments = model.transcribe(source.read(start, stop), options)
 
 
-def _cut(source: Samples, start: int, window: int) -> int:
+def quiet_cut(source: Samples, start: int, window: int) -> int:
     """Where the window beginning at `start` ends: the quietest 100 ms near its end."""
     total = len(source)
     end = start + window
