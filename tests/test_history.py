@@ -96,6 +96,22 @@ async def test_newer_schema_is_refused(db: AnyDatabase) -> None:
         await db.migrate("history", ["CREATE TABLE x(a INTEGER)"])
 
 
+async def test_readiness_probe_sees_a_database_it_cannot_write(db: AnyDatabase) -> None:
+    """`writable` (the /health probe) is false, not an error, on either backend."""
+    read_only, writable = (
+        ("PRAGMA query_only = ON", "PRAGMA query_only = OFF")
+        if db.dialect == "sqlite"
+        else ("SET default_transaction_read_only = on", "SET default_transaction_read_only = off")
+    )
+    assert await db.writable()
+    await db.conn.execute(read_only)
+    await db.conn.commit()
+    assert not await db.writable()
+    await db.conn.execute(writable)
+    await db.conn.commit()
+    assert await db.writable()
+
+
 @pytest.mark.parametrize(
     ("query", "found"),
     [

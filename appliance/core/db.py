@@ -15,6 +15,7 @@ SQLite-only syntax). Errors of either driver are `DB_ERRORS`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -59,8 +60,32 @@ async def open_database(url: str | None, path: Path) -> Database | PostgresDatab
     return await Database.open(path)
 
 
-class Database:
+class _Probed:
+    """What both databases do the same way through their `conn`."""
+
+    conn: aiosqlite.Connection | PgConnection
+
+    async def writable(self) -> bool:
+        """Readiness probe: can this node write (disk full, a read-only mount, locks, a lost
+        PostgreSQL server all fail here)?"""
+        try:
+            await self.conn.execute(
+                "INSERT INTO schema_version(component, version) VALUES ('_probe', 0)"
+                " ON CONFLICT(component) DO UPDATE SET version = 0"
+            )
+            await self.conn.commit()
+        except DB_ERRORS:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class Database(_Probed):
     """An open SQLite connection plus the migration bookkeeping."""
+
+    conn: aiosqlite.Connection
 
     dialect = SQLITE
 
@@ -117,21 +142,6 @@ class Database:
             await self.conn.executescript(script)
         return len(migrations)
 
-    async def writable(self) -> bool:
-        """Readiness probe: can we write (disk full, read-only mount and locks all fail here)?"""
-        try:
-            await self.conn.execute(
-                "INSERT INTO schema_version(component, version) VALUES ('_probe', 0)"
-                " ON CONFLICT(component) DO UPDATE SET version = 0"
-            )
-            await self.conn.commit()
-        except aiosqlite.Error:
-            return False
-        return True
-
-    async def close(self) -> None:
-        await self.conn.close()
-
 
 def _owner_only(path: Path) -> None:
     """The WAL and shared-memory files hold the same data as the database itself."""
@@ -145,6 +155,7 @@ def _owner_only(path: Path) -> None:
 _MIGRATION_LOCK = 0x5748_4953  # pg_advisory_lock key: one node migrates, the others wait
 
 
+@functools.lru_cache(maxsize=2048)  # the same few hundred statements, translated once each
 def to_pyformat(query: str) -> str:
     """`?` placeholders as psycopg's `%s`, `%` as `%%`; nothing inside quotes or comments is
     touched (a `?` in a string literal stays a character)."""
@@ -394,8 +405,10 @@ def _startup_error(doing: str, url: str, exc: psycopg.Error) -> StartupError:
     return StartupError(f"cannot {doing} {redacted(url)}: {text}")
 
 
-class PostgresDatabase:
+class PostgresDatabase(_Probed):
     """A shared PostgreSQL database with the SQLite `Database`'s interface."""
+
+    conn: PgConnection
 
     dialect = POSTGRESQL
     path: Path | None = None
@@ -452,21 +465,6 @@ class PostgresDatabase:
                     await raw.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
                     await raw.commit()
         return len(scripts)
-
-    async def writable(self) -> bool:
-        """Readiness probe: can this node write to the shared database?"""
-        try:
-            await self.conn.execute(
-                "INSERT INTO schema_version(component, version) VALUES ('_probe', 0)"
-                " ON CONFLICT(component) DO UPDATE SET version = 0"
-            )
-            await self.conn.commit()
-        except psycopg.Error:
-            return False
-        return True
-
-    async def close(self) -> None:
-        await self.conn.close()
 
 
 AnyDatabase = Database | PostgresDatabase
