@@ -96,6 +96,18 @@ def pg_server() -> Iterator[PgServer | None]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_pg(pg_server: PgServer | None) -> Iterator[PgServer]:
+    """A PostgreSQL server for the tests that need one on either backend (the cluster's, two
+    nodes on one database): the session's on PostgreSQL, else one started for them."""
+    if pg_server is not None:
+        yield pg_server
+        return
+    server = PgServer.start(free_port())
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def database_url(pg_server: PgServer | None, monkeypatch: pytest.MonkeyPatch) -> str:
     """An empty PostgreSQL database for this test as DATABASE_URL (servers started by the test

@@ -8,7 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +21,6 @@ from appliance.web import webhooks
 from tests.pgserver import PgServer
 
 
-@pytest.fixture(scope="module")
-def own_pg() -> Iterator[PgServer]:
-    server = PgServer.start()
-    yield server
-    server.stop()
-
-
 @dataclass
 class Node:
     db: PostgresDatabase
@@ -35,9 +28,9 @@ class Node:
 
 
 @pytest.fixture
-async def nodes(own_pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+async def nodes(shared_pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     """Two nodes on one new database, neither started yet."""
-    url = own_pg.new_database()
+    url = shared_pg.new_database()
     first, second = await PostgresDatabase.open(url), await PostgresDatabase.open(url)
     try:
         yield Node(first, tmp_path / "node1"), Node(second, tmp_path / "node2")

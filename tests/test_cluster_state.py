@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -18,20 +18,13 @@ from appliance.core.engines.base import Segment, Transcript
 from appliance.web.app import create_app
 from appliance.web.services import Services
 from appliance.web.settings_store import REFRESH_SECONDS
-from tests.conftest import free_port, make_settings
+from tests.conftest import make_settings
 from tests.pgserver import PgServer
 
 
-@pytest.fixture(scope="module")
-def own_pg() -> Iterator[PgServer]:
-    server = PgServer.start(free_port())
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-async def nodes(own_pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[Quart, Quart]]:
-    url = own_pg.new_database()
+async def nodes(shared_pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[Quart, Quart]]:
+    url = shared_pg.new_database()
     async with AsyncExitStack() as stack:
         apps = []
         for name in ("node1", "node2"):

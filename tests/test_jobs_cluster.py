@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,16 +42,9 @@ pytestmark = pytest.mark.slow
 LEASE_SECONDS = "3"  # short, so that a take-over is quick
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = PgServer.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def shared_url(pg: PgServer) -> str:
-    return pg.new_database()
+def shared_url(shared_pg: PgServer) -> str:
+    return shared_pg.new_database()
 
 
 def _node(data_dir: Path, url: str) -> Server:
