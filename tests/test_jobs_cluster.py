@@ -188,3 +188,35 @@ async def test_a_change_on_one_node_reaches_the_other_at_once(
             await queue.stop()
             await db.close()
     assert _query(shared_url, "SELECT count(*) FROM job_audio")[0][0] == 0
+
+
+async def test_a_draining_node_leaves_queued_jobs_to_the_others(
+    tmp_path: Path, shared_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`claim(False)` (a node draining for a rolling update): a queued job is not taken;
+    `claim(True)` takes it at once, not at the next poll."""
+    monkeypatch.setattr(jobs, "POLL_SECONDS", 60.0)
+    db = await open_database(shared_url, tmp_path / "unused.db")
+    queue = JobQueue(
+        cast(ModelManager, _NoModels()),
+        db=db,
+        jobs_dir=tmp_path / "jobs",
+        workers=1,
+        max_queue=10,
+    )
+    await queue.start()
+    try:
+        queue.claim(False)
+        upload = tmp_path / "upload.wav"
+        upload.write_bytes(b"RIFF" + bytes(1000))
+        job = await queue.submit(Job("tiny.en", TranscribeOptions(), upload, duration=1.0))
+        await asyncio.sleep(2.0)
+        assert _query(shared_url, "SELECT state, node FROM jobs WHERE id = %s", (job.id,)) == [
+            ("queued", None)
+        ]
+        queue.claim(True)
+        finished = await asyncio.wait_for(queue.wait(job), timeout=10)
+        assert finished.state != JobState.QUEUED  # taken (no model here: it fails, but it ran)
+    finally:
+        await queue.stop()
+        await db.close()

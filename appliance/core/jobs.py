@@ -325,6 +325,9 @@ class JobQueue:
         self.lease_seconds = lease_seconds  # PostgreSQL: JOB_LEASE_SECONDS
         self.shared = isinstance(db, PostgresDatabase)  # several nodes share the queue
         self.node = ""  # PostgreSQL: this node's id in the `node` column (set at start)
+        # PostgreSQL: false while this node drains for a rolling update (appliance.core.cluster):
+        # the other nodes take the queued jobs, this one finishes what it runs
+        self.claiming = True
         # the queue's statements; on PostgreSQL a connection of its own (see _exec)
         self._conn: Any = db.conn
         self._lock = asyncio.Lock()
@@ -846,12 +849,18 @@ class JobQueue:
         self._notify_queue()
         return job
 
+    def claim(self, on: bool) -> None:
+        """PostgreSQL: take queued jobs (`on`) or leave them to the other nodes (draining)."""
+        self.claiming = on
+        if on:
+            self._has_work.set()
+
     async def _claimed(self) -> Job:
         """PostgreSQL: the next job this node claimed, from whichever node it was sent to."""
         while True:
             self._has_work.clear()
             try:
-                job = await self._claim()
+                job = await self._claim() if self.claiming else None
             except DB_FAILURES as exc:
                 log.warning("could not look for queued jobs: %s", exc)
                 job = None

@@ -20,7 +20,14 @@ from quart_schema import Info, QuartSchema
 
 from appliance import __version__
 from appliance.core.auth import Auth
-from appliance.core.db import POSTGRESQL, AnyDatabase, StartupError, open_database
+from appliance.core.cluster import CLUSTER, ClusterUpdates, Timing
+from appliance.core.db import (
+    POSTGRESQL,
+    AnyDatabase,
+    PostgresDatabase,
+    StartupError,
+    open_database,
+)
 from appliance.core.engines import create_engine
 from appliance.core.history import History
 from appliance.core.jobs import Job, JobQueue
@@ -190,8 +197,11 @@ def create_app(settings: Settings | None = None) -> Quart:
         app.extensions["appliance"] = services
         metrics.bind(services, live=app.extensions.get("live"))
         services.warm_up()  # a Quart background task: awaited (then cancelled) at shutdown
+        cluster = await _start_cluster(app, services)
         services.ready = True
         yield
+        if cluster is not None:
+            await cluster.stop()
         await stop_services(services)
 
     @app.after_request
@@ -201,6 +211,29 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     _init_features(app)
     return app
+
+
+async def _start_cluster(app: Quart, services: Services) -> ClusterUpdates | None:
+    """On PostgreSQL: this node's part in rolling updates (`appliance.core.cluster`)."""
+    if not isinstance(services.db, PostgresDatabase):
+        return None
+    cluster = ClusterUpdates(
+        services.db,
+        node=services.jobs.node,
+        data_dir=services.settings.data_dir,
+        db_path=services.settings.db_path,
+        running_jobs=lambda: len(services.jobs.running),
+        claim_jobs=services.jobs.claim,
+        request_lock=services.update_request_lock,
+        timing=Timing.from_config(app.config),
+    )
+    try:
+        await cluster.start()
+    except BaseException:
+        await stop_services(services)
+        raise
+    app.extensions[CLUSTER] = cluster
+    return cluster
 
 
 def _init_features(app: Quart) -> None:

@@ -13,21 +13,22 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from quart import Blueprint, Response, current_app, jsonify, request
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import __version__
+from appliance.core import cluster
 from appliance.system.update import history as update_history
 from appliance.system.update import spool as update_spool
 from appliance.system.update.releases import DEFAULT_ROOT, ReleaseTree
 from appliance.web.admin import updates
-from appliance.web.api.validation import validate_json
+from appliance.web.api.validation import read_form, validate_json
 from appliance.web.errors import APIError
 from appliance.web.services import services
-from appliance.web.upload import receive_upload
+from appliance.web.upload import Upload, receive_upload
 
 log = logging.getLogger(__name__)
 # nested in the guarded /admin blueprint by `appliance.web.admin.init_app`
@@ -69,6 +70,45 @@ class BundleForm(BaseModel):
 
 class Accepted(BaseModel):
     request: dict[str, Any]
+
+
+DrainSeconds = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=cluster.MAX_DRAIN_SECONDS,
+        description="How long each node answers /health with 503 before its update (HAProxy)",
+    ),
+]
+
+
+class ClusterState(BaseModel):
+    cluster: bool = Field(description="False on a single appliance (SQLite): nothing else then")
+    node: str | None = Field(description="This node's id")
+    nodes: list[dict[str, Any]] = Field(description="Registered nodes: version, state, last seen")
+    update: dict[str, Any] | None = Field(description="The latest rolling update")
+
+
+class ClusterUpdateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(
+        None, description="http(s) URL of a release; default: the release UPDATE_SOURCE offers"
+    )
+    drain_seconds: Annotated[DrainSeconds, Strict()] = cluster.DEFAULT_DRAIN_SECONDS
+
+
+class ClusterBundleForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: bytes | None = Field(
+        None, description="A signed whisper-appliance-<version>.release.tar bundle"
+    )
+    drain_seconds: DrainSeconds = cluster.DEFAULT_DRAIN_SECONDS  # form fields are text
+
+
+class ClusterAccepted(BaseModel):
+    update: dict[str, Any]
 
 
 def _spool() -> Path:
@@ -163,21 +203,9 @@ async def upload_update() -> Response:
     """Upload a signed release bundle (air-gapped sites) and ask the updater to install it."""
     spool = _spool()
     _refuse_if_busy(spool)  # before receiving hundreds of MB
-    limit = int(current_app.config.get(MAX_BUNDLE_CONFIG, DEFAULT_MAX_BUNDLE))
+    upload = await _receive_bundle()
     try:
-        upload = await receive_upload(
-            request, services().settings.tmp_dir, min(limit, update_spool.MAX_ARTIFACT)
-        )
-    except OSError as exc:  # the disk filled up while the bundle arrived
-        raise APIError(507, "insufficient_storage", f"cannot store the upload: {exc}") from None
-    try:
-        if not _BUNDLE_NAME.match(upload.file_name):
-            raise APIError(
-                400, "invalid_file_name", "upload a whisper-appliance-<version>.release.tar bundle"
-            )
         assert upload.file_path is not None
-        if not await asyncio.to_thread(_looks_like_tar, upload.file_path):
-            raise APIError(400, "not_a_bundle", "the file is not a release bundle (a tar file)")
         async with _lock():
             _refuse_if_busy(spool)
             req_id = update_spool.new_id()
@@ -194,6 +222,30 @@ async def upload_update() -> Response:
         upload.discard()
     log.info("release bundle %s uploaded (%d bytes)", upload.file_name, upload.file_size)
     return _accepted(req)
+
+
+async def _receive_bundle() -> Upload:
+    """The request's file, streamed to the temp dir, if it looks like a release bundle (name,
+    tar magic): the updater verifies the rest. Anything refused leaves no file behind."""
+    limit = int(current_app.config.get(MAX_BUNDLE_CONFIG, DEFAULT_MAX_BUNDLE))
+    try:
+        upload = await receive_upload(
+            request, services().settings.tmp_dir, min(limit, update_spool.MAX_ARTIFACT)
+        )
+    except OSError as exc:  # the disk filled up while the bundle arrived
+        raise APIError(507, "insufficient_storage", f"cannot store the upload: {exc}") from None
+    try:
+        if not _BUNDLE_NAME.match(upload.file_name):
+            raise APIError(
+                400, "invalid_file_name", "upload a whisper-appliance-<version>.release.tar bundle"
+            )
+        assert upload.file_path is not None
+        if not await asyncio.to_thread(_looks_like_tar, upload.file_path):
+            raise APIError(400, "not_a_bundle", "the file is not a release bundle (a tar file)")
+    except BaseException:
+        upload.discard()
+        raise
+    return upload
 
 
 def _looks_like_tar(path: Path) -> bool:
@@ -223,3 +275,70 @@ async def rollback_update(data: RollbackBody) -> Response:
         _refuse_if_busy(spool)
         await _submit(spool, req)
     return _accepted(req)
+
+
+# --- a rolling update of the cluster (PostgreSQL) -----------------------------------------------
+def _cluster() -> cluster.ClusterUpdates:
+    found = cluster.of_app(current_app.extensions)
+    if found is None:
+        raise APIError(409, "not_a_cluster", "this appliance is not part of a cluster")
+    return found
+
+
+@blueprint.get("/api/cluster")
+@tag(["admin"])
+@document_response(ClusterState)
+async def cluster_state() -> Response:
+    """The cluster's nodes and its latest rolling update (`cluster: false` on one appliance)."""
+    found = cluster.of_app(current_app.extensions)
+    if found is None:
+        return jsonify({"cluster": False, "node": None, "nodes": [], "update": None})
+    return jsonify({"cluster": True, **await found.describe()})
+
+
+@blueprint.post("/api/cluster/update")
+@tag(["admin"])
+@validate_json(ClusterUpdateBody)
+@document_response(ClusterAccepted, 202)
+async def cluster_update(data: ClusterUpdateBody) -> Response:
+    """Update every node of the cluster to a release URL (default: UPDATE_SOURCE's).
+
+    One node at a time: drained, updated by its own updater, health-gated; the first failure
+    stops the rest (`appliance.core.cluster`)."""
+    nodes = _cluster()
+    source = data.source
+    if source is None:
+        source = await _default_source()
+    try:
+        update_spool.check_url(source)
+    except update_spool.RequestError as exc:
+        raise APIError(400, "invalid_source", str(exc)) from None
+    # ClusterUpdateRunning is an ApplianceError (409): the error handler answers
+    return _cluster_accepted(await nodes.create(source, data.drain_seconds))
+
+
+@blueprint.post("/api/cluster/upload")
+@tag(["admin"])
+@document_request(ClusterBundleForm, source=DataSource.FORM_MULTIPART)
+@document_response(ClusterAccepted, 202)
+async def cluster_upload() -> Response:
+    """Upload a signed release bundle and update every node of the cluster to it.
+
+    As `POST /admin/api/cluster/update`; the bundle is kept in the database until the update
+    ends, so air-gapped nodes need nothing else."""
+    nodes = _cluster()
+    upload = await _receive_bundle()
+    try:
+        form = read_form(upload, ClusterBundleForm)
+        assert upload.file_path is not None
+        update = await nodes.create(upload.file_name, form.drain_seconds, upload.file_path)
+    finally:
+        upload.discard()
+    log.info("cluster update with the uploaded %s (%d bytes)", upload.file_name, upload.file_size)
+    return _cluster_accepted(update)
+
+
+def _cluster_accepted(update: dict[str, Any]) -> Response:
+    response = jsonify({"update": update})
+    response.status_code = 202
+    return response

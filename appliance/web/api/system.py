@@ -8,10 +8,11 @@ import time
 
 import psutil
 from pydantic import BaseModel
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, Response, current_app, jsonify
 from quart_schema import document_response, tag
 
 from appliance import __version__
+from appliance.core import cluster as cluster_updates
 from appliance.web.services import services
 
 blueprint = Blueprint("system", __name__)
@@ -30,7 +31,9 @@ class Health(BaseModel):
 @document_response(Health, 200)
 @document_response(Health, 503)
 async def health() -> Response:
-    """Liveness + readiness: the default model loaded, the database writable, disk free."""
+    """Liveness + readiness: the default model loaded, the database writable, disk free.
+    A cluster node taking its turn in a rolling update answers 503 `draining`, so that the
+    load balancer sends it nothing more (`appliance.core.cluster`)."""
     s = services()
     free_mb = shutil.disk_usage(s.settings.data_dir).free / 1024**2
     checks = {
@@ -39,10 +42,11 @@ async def health() -> Response:
         "database_writable": await s.db.writable(),
         "disk_free": free_mb >= MIN_FREE_DISK_MB,
     }
-    ok = all(checks.values())
-    response = jsonify(
-        {"status": "ok" if ok else "unavailable", "checks": checks, "version": __version__}
-    )
+    cluster = cluster_updates.of_app(current_app.extensions)
+    draining = cluster is not None and cluster.draining
+    ok = all(checks.values()) and not draining
+    state = "draining" if draining else "ok" if ok else "unavailable"
+    response = jsonify({"status": state, "checks": checks, "version": __version__})
     response.status_code = 200 if ok else 503
     return response
 

@@ -1,5 +1,6 @@
 // The Updates page: check, apply, upload, roll back; the updater's progress is polled from
-// GET /admin/api/updates while a request is pending or running.
+// GET /admin/api/updates while a request is pending or running. On a cluster (PostgreSQL) the
+// Cluster card lists the nodes and starts a rolling update (GET /admin/api/cluster, polled too).
 import { api, el, fill, say, upload, when } from "./common.js";
 
 const POLL_MS = 2000;
@@ -58,8 +59,41 @@ function info(state) {
   ]);
 }
 
+function cluster(state) {
+  document.getElementById("cluster-card").hidden = !state.cluster;
+  if (!state.cluster) return false;
+  document.getElementById("cluster-nodes").replaceChildren(...state.nodes.map((n) =>
+    el("tr", { "data-state": n.alive ? n.state : "gone" },
+      el("td", {}, el("code", {}, n.node), n.node === state.node ? " (this node)" : ""),
+      el("td", {}, n.hostname),
+      el("td", {}, n.version),
+      el("td", {}, n.alive ? n.state : "not answering"),
+      el("td", {}, `${Math.round(n.age)} s ago`))));
+  const update = state.update;
+  const line = document.getElementById("cluster-progress");
+  line.dataset.state = update?.state ?? "none";
+  if (!update) {
+    line.textContent = "No cluster update yet.";
+  } else {
+    const done = update.plan.filter((n) => update.nodes[n]?.state === "done").length;
+    const counts = `${done} of ${update.plan.length} nodes updated`;
+    if (update.state === "running") {
+      const turn = update.current_node ? `: ${update.current_node} is ${update.nodes[update.current_node]?.state ?? "starting"}` : "";
+      line.textContent = `Updating the cluster from ${update.source} (${counts})${turn}`;
+    } else if (update.state === "done") {
+      line.textContent = `Cluster updated to ${update.target_version} (${counts}).`;
+    } else {
+      line.textContent = `Cluster update stopped (${counts}): ${update.error}`;
+    }
+  }
+  const running = update?.state === "running";
+  document.querySelector("#cluster-form button[type=submit]").disabled = running;
+  return running;
+}
+
 async function refresh() {
   const state = await api("GET", "/admin/api/updates");
+  const clusterBusy = cluster(await api("GET", "/admin/api/cluster"));
   info(state);
   progressLine(state);
   history(state.history);
@@ -69,8 +103,8 @@ async function refresh() {
   for (const form of ["upload-form", "rollback-form"]) {
     document.querySelector(`#${form} button[type=submit]`).disabled = busy;
   }
-  if (busy && polling === null) polling = window.setInterval(poll, POLL_MS);
-  if (!busy && polling !== null) {
+  if ((busy || clusterBusy) && polling === null) polling = window.setInterval(poll, POLL_MS);
+  if (!busy && !clusterBusy && polling !== null) {
     window.clearInterval(polling);
     polling = null;
     const status = state.status;
@@ -113,6 +147,19 @@ async function request(method, url, body, done) {
   await refresh().catch((error) => say(error.message, "error"));
 }
 
+/** Upload a release bundle (the <progress> `barId` shows how far), then say how it went. */
+function sendBundle(url, form, data, barId, done) {
+  upload(url, data, document.getElementById(barId)).then(({ ok, status, reply }) => {
+    if (ok) {
+      say(done);
+      form.reset();
+    } else {
+      say(reply.error?.message ?? `Upload failed (HTTP ${status})`, "error");
+    }
+    refresh().catch((error) => say(error.message, "error"));
+  });
+}
+
 document.getElementById("check-updates").addEventListener("click", check);
 
 document.getElementById("apply-update").addEventListener("click", () => {
@@ -129,24 +176,36 @@ document.getElementById("rollback-form").addEventListener("submit", (event) => {
   request("POST", "/admin/api/updates/rollback", to ? { to_version: to } : {}, "Rollback requested.");
 });
 
+document.getElementById("cluster-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const source = form.elements.source.value.trim();
+  const file = form.elements.file.files[0];
+  const drain = Number(form.elements.drain_seconds.value || 6);
+  const target = file?.name ?? (source || "the update source's latest release");
+  if (!window.confirm(`Update every node of the cluster, one at a time, to ${target}?`)) return;
+  if (!file) {
+    request("POST", "/admin/api/cluster/update", { ...(source ? { source } : {}), drain_seconds: drain },
+      "Cluster update started.");
+    return;
+  }
+  const data = new FormData();
+  data.append("file", file);
+  data.append("drain_seconds", String(drain));
+  sendBundle("/admin/api/cluster/upload", form, data, "cluster-upload-progress",
+    `Uploaded ${file.name}; cluster update started.`);
+});
+
 document.getElementById("upload-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const form = event.target;
   const file = form.elements.file.files[0];
   if (!file) return;
   if (!window.confirm(`Install ${file.name}? The service restarts.`)) return;
-  const progress = document.getElementById("upload-progress");
   const data = new FormData();
   data.append("file", file);
-  upload("/admin/api/updates/upload", data, progress).then(({ ok, status, reply }) => {
-    if (ok) {
-      say(`Uploaded ${file.name}; update requested.`);
-      form.reset();
-    } else {
-      say(reply.error?.message ?? `Upload failed (HTTP ${status})`, "error");
-    }
-    refresh().catch((error) => say(error.message, "error"));
-  });
+  sendBundle("/admin/api/updates/upload", form, data, "upload-progress",
+    `Uploaded ${file.name}; update requested.`);
 });
 
 refresh().then(check).catch((error) => say(error.message, "error"));
