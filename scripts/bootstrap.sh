@@ -25,8 +25,10 @@ need_stamp() {  # need_stamp NAME INPUT... -> true when the step must run
 # --- system packages ---------------------------------------------------------
 # Every Debian package any make target or test uses, and nothing assumed to be there already:
 # `make test-fresh` checks this list in a minimal Debian 12 rootfs (scripts/check_commands.py).
-# postgresql-15: initdb and pg_ctl for the tests' throw-away servers (tests/pgserver.py).
-APT_PACKAGES=(make git ffmpeg sox espeak-ng python3-venv ca-certificates postgresql-15)
+# postgresql-15: initdb and pg_ctl for the tests' throw-away servers (tests/pgserver.py);
+# haproxy: the rolling update's drain/ready tasks against a real HAProxy
+# (tests/ansible/test_cluster_update.py; Debian's default config listens on nothing).
+APT_PACKAGES=(make git ffmpeg sox espeak-ng python3-venv ca-certificates postgresql-15 haproxy)
 if [ "${WITH_BROWSER:-1}" = 1 ]; then APT_PACKAGES+=(chromium fonts-dejavu-core libnss3-tools); fi
 if [ "${WITH_CONTAINER:-0}" = 1 ]; then APT_PACKAGES+=(podman runc mmdebstrap uidmap); fi
 if [ "${WITH_LXC:-0}" = 1 ]; then
