@@ -20,13 +20,13 @@ import pytest
 from quart import Quart
 
 from appliance import __version__
-from appliance.core import cluster
 from appliance.core.auth import PASSWORD_FILE
-from appliance.core.cluster import ClusterUpdates, of_app
 from appliance.system.config import Settings
 from appliance.system.update import spool as update_spool
 from appliance.system.update.history import UpdateHistory
+from appliance.web import cluster
 from appliance.web.app import create_app
+from appliance.web.cluster import ClusterUpdates, of_app
 from tests.conftest import make_settings
 from tests.pgserver import PgServer
 from tests.test_admin import Admin
@@ -34,7 +34,7 @@ from tests.test_admin_updates import bundle, bundle_bytes
 from tests.test_auth import admin_password, login
 
 SOURCE = "https://releases.example.org/whisper/9.9.9/"
-FAST = {  # the loop's clock, shortened (appliance.core.cluster.Timing)
+FAST = {  # the loop's clock, shortened (appliance.web.cluster.Timing)
     "CLUSTER_TICK": 0.05,
     "CLUSTER_TURN_LEASE": 2.0,
     "CLUSTER_UPDATE_TIMEOUT": 30.0,

@@ -325,7 +325,7 @@ class JobQueue:
         self.lease_seconds = lease_seconds  # PostgreSQL: JOB_LEASE_SECONDS
         self.shared = isinstance(db, PostgresDatabase)  # several nodes share the queue
         self.node = ""  # PostgreSQL: this node's id in the `node` column (set at start)
-        # PostgreSQL: false while this node drains for a rolling update (appliance.core.cluster):
+        # PostgreSQL: false while this node drains for a rolling update (appliance.web.cluster):
         # the other nodes take the queued jobs, this one finishes what it runs
         self.claiming = True
         # the queue's statements; on PostgreSQL a connection of its own (see _exec)

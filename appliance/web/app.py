@@ -20,7 +20,6 @@ from quart_schema import Info, QuartSchema
 
 from appliance import __version__
 from appliance.core.auth import Auth
-from appliance.core.cluster import CLUSTER, ClusterUpdates, Timing
 from appliance.core.db import (
     POSTGRESQL,
     AnyDatabase,
@@ -34,6 +33,7 @@ from appliance.core.jobs import Job, JobQueue
 from appliance.core.model_manager import ModelManager
 from appliance.system.config import Settings
 from appliance.web import api, metrics, webhooks
+from appliance.web.cluster import CLUSTER, ClusterUpdates, Timing
 from appliance.web.errors import register_error_handlers
 from appliance.web.services import Limiters, Services
 from appliance.web.settings_store import SettingsStore
@@ -214,7 +214,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
 
 async def _start_cluster(app: Quart, services: Services) -> ClusterUpdates | None:
-    """On PostgreSQL: this node's part in rolling updates (`appliance.core.cluster`)."""
+    """On PostgreSQL: this node's part in rolling updates (`appliance.web.cluster`)."""
     if not isinstance(services.db, PostgresDatabase):
         return None
     cluster = ClusterUpdates(

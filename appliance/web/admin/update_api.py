@@ -20,10 +20,10 @@ from quart import Blueprint, Response, current_app, jsonify, request
 from quart_schema import DataSource, document_request, document_response, tag
 
 from appliance import __version__
-from appliance.core import cluster
 from appliance.system.update import history as update_history
 from appliance.system.update import spool as update_spool
 from appliance.system.update.releases import DEFAULT_ROOT, ReleaseTree
+from appliance.web import cluster
 from appliance.web.admin import updates
 from appliance.web.api.validation import read_form, validate_json
 from appliance.web.errors import APIError
@@ -304,7 +304,7 @@ async def cluster_update(data: ClusterUpdateBody) -> Response:
     """Update every node of the cluster to a release URL (default: UPDATE_SOURCE's).
 
     One node at a time: drained, updated by its own updater, health-gated; the first failure
-    stops the rest (`appliance.core.cluster`)."""
+    stops the rest (`appliance.web.cluster`)."""
     nodes = _cluster()
     source = data.source
     if source is None:

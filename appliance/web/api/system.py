@@ -12,7 +12,7 @@ from quart import Blueprint, Response, current_app, jsonify
 from quart_schema import document_response, tag
 
 from appliance import __version__
-from appliance.core import cluster as cluster_updates
+from appliance.web import cluster as cluster_updates
 from appliance.web.services import services
 
 blueprint = Blueprint("system", __name__)
@@ -33,7 +33,7 @@ class Health(BaseModel):
 async def health() -> Response:
     """Liveness + readiness: the default model loaded, the database writable, disk free.
     A cluster node taking its turn in a rolling update answers 503 `draining`, so that the
-    load balancer sends it nothing more (`appliance.core.cluster`)."""
+    load balancer sends it nothing more (`appliance.web.cluster`)."""
     s = services()
     free_mb = shutil.disk_usage(s.settings.data_dir).free / 1024**2
     checks = {
