@@ -40,7 +40,8 @@ pytest-pg: setup ## Run the pytest suite on PostgreSQL instead of SQLite (throw-
 # the two runs share 2 cores well (measured: 23 min together, 31 min one after the other). The
 # SQLite run prints as it goes, the PostgreSQL run's output follows it; each has its own basetemp.
 .PHONY: pytest-both
-pytest-both: setup ## Run the pytest suite on SQLite and on PostgreSQL at the same time
+# The docs site is built once before: two sessions building one venv at once break each other.
+pytest-both: setup docs ## Run the pytest suite on SQLite and on PostgreSQL at the same time
 	@base=$$(mktemp -d /tmp/whisper-pytest.XXXXXX); start=$$(date +%s); \
 	  APPLIANCE_TEST_DB=postgresql $(VENV)/bin/pytest -p no:cacheprovider --basetemp=$$base/pg \
 	    > $$base/pg.log 2>&1 & pg=$$!; \

@@ -9,6 +9,7 @@ docs/assets/screenshots when one is missing or with WRITE_SCREENSHOTS=1 (commit 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -56,7 +57,20 @@ def site_is_stale() -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def built_site() -> Path:
-    """build/docs as `make docs` builds it, rebuilt when the docs changed since."""
+    """build/docs as `make docs` builds it, rebuilt when the docs changed since.
+
+    Under a file lock: `make pytest-both` runs two pytest sessions from one checkout, and two
+    builds of the same venv and site at once break each other (CI, stop 21)."""
+    lock_path = ROOT / ".cache" / "docs-build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_site_if_stale()
+    return BUILT
+
+
+def build_site_if_stale() -> None:
+    """Build build/docs with the docs venv's mkdocs, or with `make docs` when there is none."""
     if site_is_stale():
         mkdocs = ROOT / ".cache" / "docs-venv" / "bin" / "mkdocs"  # made by `make docs`
         command = (
@@ -74,7 +88,6 @@ def built_site() -> Path:
             check=False,
         )
         assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
-    return BUILT
 
 
 def test_help_pages_navigation_and_search(page: Page, https_server: Server) -> None:
