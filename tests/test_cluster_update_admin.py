@@ -427,6 +427,13 @@ async def test_bad_input_and_callers_are_refused_with_json_errors(
     await start_update(node, drain_seconds=60)
     code, body = await admin.call("POST", "/admin/api/cluster/update", json={"source": SOURCE})
     assert (code, body["error"]["code"]) == (409, "cluster_update_running")
+    # nor does the node update or roll back alone while the rolling update runs
+    for path, kwargs in (
+        ("/admin/api/updates/apply", {"json": {"source": SOURCE}}),
+        ("/admin/api/updates/rollback", {"json": {}}),
+    ):
+        code, body = await admin.call("POST", path, **kwargs)
+        assert (code, body["error"]["code"]) == (409, "cluster_update_running"), path
 
 
 async def test_a_single_appliance_has_no_cluster(tmp_path: Path) -> None:

@@ -217,7 +217,7 @@ class ClusterUpdates:
     # --- one round of the loop ---------------------------------------------------------------
     async def step(self) -> None:
         await self._beat()
-        update = await self._running()
+        update = await self.running()
         if update is not None and update["overdue"] and await self._expire(update):
             update = None
         mine = update is not None and update["current_node"] == self.node
@@ -443,7 +443,7 @@ class ClusterUpdates:
         if bundle is None:
             source = update_spool.check_url(source)
         await self._beat()
-        if await self._running() is not None:
+        if await self.running() is not None:
             raise ClusterUpdateRunning("a cluster update is running: wait for it")
         plan = [
             row["node"]
@@ -507,7 +507,8 @@ class ClusterUpdates:
         }
 
     # --- statements ---------------------------------------------------------------------------
-    async def _running(self) -> dict[str, Any] | None:
+    async def running(self) -> dict[str, Any] | None:
+        """The rolling update under way, if one is."""
         rows = await self._fetch(
             "SELECT *, turn_until < cluster_now() AS overdue"
             " FROM cluster_updates WHERE state = 'running'"

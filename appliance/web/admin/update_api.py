@@ -147,6 +147,16 @@ def _refuse_if_busy(spool: Path) -> None:
         raise APIError(409, f"update_{state}", f"an update request is {state}: wait for it")
 
 
+async def _refuse_during_cluster_update() -> None:
+    """A node's own apply, upload or rollback while the cluster's rolling update runs would race
+    its hand-over to this node's updater: refused until the rolling update ends."""
+    found = cluster.of_app(current_app.extensions)
+    if found is not None and await found.running() is not None:
+        raise cluster.ClusterUpdateRunning(
+            "a rolling update of the cluster is running: wait for it to end"
+        )
+
+
 async def _submit(spool: Path, req: update_spool.UpdateRequest) -> None:
     # SpoolBusy is an ApplianceError (409 update_pending): the error handler answers
     await asyncio.to_thread(update_spool.submit, spool, req)
@@ -182,6 +192,7 @@ async def update_state() -> Response:
 async def apply_update(data: ApplyBody) -> Response:
     """Ask the updater to install a release from a URL (default: from UPDATE_SOURCE)."""
     spool = _spool()
+    await _refuse_during_cluster_update()
     async with _lock():
         _refuse_if_busy(spool)
         source = data.source
@@ -203,6 +214,7 @@ async def upload_update() -> Response:
     """Upload a signed release bundle (air-gapped sites) and ask the updater to install it."""
     spool = _spool()
     _refuse_if_busy(spool)  # before receiving hundreds of MB
+    await _refuse_during_cluster_update()
     upload = await _receive_bundle()
     try:
         assert upload.file_path is not None
@@ -271,6 +283,7 @@ async def rollback_update(data: RollbackBody) -> Response:
     if to_version is not None and to_version not in installed:
         raise APIError(400, "unknown_version", f"{to_version} is not an installed release")
     spool = _spool()
+    await _refuse_during_cluster_update()
     async with _lock():
         _refuse_if_busy(spool)
         await _submit(spool, req)
