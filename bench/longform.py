@@ -16,9 +16,16 @@ both engines use every core):
 - `faster-whisper batched`: the service's default file path (`batched=true`): Silero VAD
   chunks (pauses under 2 s kept) decoded in batches spread over every core
   (`appliance.core.engines.faster_whisper_engine`);
-- `openai-whisper fp32`: the same model converted, `whisper.transcribe` with its defaults.
+- `openai-whisper fp32`: the same model converted, `whisper.transcribe` inside the service's
+  windowed path (Silero VAD removes the long pauses first, as it does for every engine);
+- `openai-whisper fp32, own pipeline`: openai-whisper as its users run it, `whisper.transcribe`
+  on the whole file with the `whisper` command's defaults (beam 5, best of 5, the temperature
+  fallback, conditioned on the previous text, fp32 on CPU). This is the baseline of the 10x
+  target (issue 13 measured openai-whisper this way); the windowed row shows how much of the
+  ratio the service's VAD alone takes back from it.
 
-Every configuration goes through `appliance.core.engines.windowed.transcribe`, the service's path.
+The faster-whisper rows and `openai-whisper fp32` go through
+`appliance.core.engines.windowed.transcribe`, the service's path.
 Reported per configuration: seconds, x realtime, WER against the reference, segments past the
 end of the audio. Ratios: batched vs openai-whisper, batched vs sequential.
 """
@@ -39,7 +46,8 @@ import numpy as np
 from bench.common import WORK, clips, wer
 
 SAMPLE_RATE = 16_000
-CONFIGS = ("faster-whisper sequential", "faster-whisper batched", "openai-whisper fp32")
+NATIVE = "openai-whisper fp32, own pipeline"
+CONFIGS = ("faster-whisper sequential", "faster-whisper batched", "openai-whisper fp32", NATIVE)
 
 
 def _read(path: Path) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -151,8 +159,11 @@ def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[
         options = TranscribeOptions(language="en", batched=batched)
     load_s = time.perf_counter() - t0
     c0, t1 = time.process_time(), time.perf_counter()
-    _info, segments = windowed.transcribe(model, audio, options)
-    found = list(segments)
+    if config == NATIVE:
+        found = _native_openai_whisper(model, audio)
+    else:
+        _info, segments = windowed.transcribe(model, audio, options)
+        found = list(segments)
     wall = time.perf_counter() - t1
     cpu = time.process_time() - c0
     model.close()
@@ -167,6 +178,29 @@ def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[
         "past_end": sum(1 for s in found if s.end > duration + 1e-3),
         "last_end": max((s.end for s in found), default=0.0),
     }
+
+
+def _native_openai_whisper(model: Any, audio: np.ndarray[Any, Any]) -> list[Any]:
+    """`whisper.transcribe` on the whole recording with the `whisper` command's defaults."""
+    from appliance.core.engines.base import Segment
+
+    # the engine's torch model and whisper module, as loaded for the windowed row
+    whisper, torch_model = model._whisper, model._model
+    result = whisper.transcribe(
+        torch_model,
+        audio,
+        language="en",
+        beam_size=5,
+        best_of=5,
+        temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        condition_on_previous_text=True,
+        fp16=False,
+        verbose=None,
+    )
+    return [
+        Segment(i, float(s["start"]), float(s["end"]), str(s["text"]))
+        for i, s in enumerate(result["segments"])
+    ]
 
 
 def run_config(config: str, model_dir: Path, audio: Path, threads: int) -> dict[str, Any]:
@@ -213,12 +247,15 @@ class LongformSection:
         try:
             import whisper  # noqa: F401
         except ImportError:
-            self.skipped["openai-whisper fp32"] = "openai-whisper is not installed"
+            for config in ("openai-whisper fp32", NATIVE):
+                self.skipped[config] = "openai-whisper is not installed"
 
     def run_round(self, ctx: Any, index: int) -> None:
         assert self.audio is not None
         for config in CONFIGS:
-            if config in self.skipped:
+            if config in self.skipped or (config == NATIVE and index > 0):
+                # openai-whisper's own pipeline runs once: it takes minutes (its temperature
+                # fallback samples 5 candidates at up to 6 temperatures in every silent window)
                 continue
             print(f"longform round {index + 1}: {config}", file=sys.stderr, flush=True)
             try:
@@ -251,14 +288,16 @@ class LongformSection:
             "(`bench/longform.py`: the six clips in shuffled passes, pauses of low noise and "
             "digital silence, 20 s of silence at the end), "
             f"{self.threads} core(s) for every engine, best of {len(self.runs[CONFIGS[0]])} "
-            "round(s). Every configuration goes through the service's windowed path.",
+            "round(s) (openai-whisper's own pipeline: one round). Every configuration but "
+            "the last goes through the service's windowed path; the last is openai-whisper's "
+            "own `transcribe` on the whole file with the `whisper` command's defaults.",
             "",
             "| configuration | seconds | x realtime | x realtime (CPU) | WER "
             "| segments past the end |",
             "|---|---|---|---|---|---|",
             *rows,
         ]
-        seq, bat, oai = (self.best(c) for c in CONFIGS)
+        seq, bat, windowed_oai, oai = (self.best(c) for c in CONFIGS)
         if bat is not None:
             # verdicts on CPU time, as the other sections: other work on a shared machine
             # stretches wall time, not the CPU seconds a configuration needs
@@ -276,10 +315,19 @@ class LongformSection:
                 wall = oai["seconds"] / bat["seconds"]
                 cpu = oai["cpu_s"] / bat["cpu_s"]
                 lines.append(
-                    f"- batched vs openai-whisper: **{wall:.1f}x faster** on the wall clock, "
-                    f"**{cpu:.1f}x** in CPU time (target ≥ 10x)"
+                    f"- batched vs openai-whisper (its own pipeline, the `whisper` command's "
+                    f"defaults): **{wall:.1f}x faster** on the wall clock, **{cpu:.1f}x** in "
+                    "CPU time (target ≥ 10x)"
                 )
                 verdicts.append(cpu >= 10)
+            if windowed_oai is not None:
+                wall = windowed_oai["seconds"] / bat["seconds"]
+                cpu = windowed_oai["cpu_s"] / bat["cpu_s"]
+                lines.append(
+                    f"- batched vs openai-whisper inside the service's windowed path (the VAD "
+                    f"already removed the long pauses): {wall:.1f}x faster on the wall clock, "
+                    f"{cpu:.1f}x in CPU time"
+                )
             if seq is not None:
                 bat_wer = wer([self.reference], [bat["text"]])
                 seq_wer = wer([self.reference], [seq["text"]])
@@ -289,8 +337,9 @@ class LongformSection:
                     f"{seq_wer:.1f} % (target ≤ sequential + 1 pt)"
                 )
                 verdicts.append(bat_wer <= seq_wer + 1.0)
-            past = sum(r["past_end"] for c in CONFIGS for r in self.runs[c])
-            lines.append(f"- segments past the end of the audio, all runs: {past}")
+            # the service's rows only: openai-whisper's own pipeline is the baseline, not ours
+            past = sum(r["past_end"] for c in CONFIGS if c != NATIVE for r in self.runs[c])
+            lines.append(f"- segments past the end of the audio, all runs of the service: {past}")
             ctx.verdicts.append(("long-form", all(verdicts) and past == 0))
         return "\n".join(lines)
 
