@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import threading
 import time
@@ -120,6 +121,13 @@ def post_job(server: Server, wav: Path, route: str = "/api/jobs", **fields: str)
         return httpx.post(
             f"{server.url}{route}", files={"file": (wav.name, f)}, data=fields, timeout=120
         )
+
+
+def wait_for_line(server: Server, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.output():
+        assert time.monotonic() < deadline, f"{text!r} not logged: {server.output()[-2000:]}"
+        time.sleep(0.1)
 
 
 def job_when(server: Server, job_id: str, done: Any, timeout: float = 60) -> dict[str, Any]:
@@ -259,22 +267,30 @@ def test_a_node_that_starts_leaves_another_nodes_delivery_alone(
     tmp_path: Path, database_url: str, receiver: Receiver, jfk_wav: Path
 ) -> None:
     """Node two resumes pending deliveries at its start, as after a crash; the one node one
-    is making is not made twice (node two would send attempt 2 at once, not after 3 s)."""
-    receiver.script["/cluster"] = [500, 500, 200]
-    one = start_server(tmp_path / "one", env={**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "3"})
+    is making is not made twice (node two would send its next attempt after 0.1 s, node one
+    waits 1, 2, 4 ... s). The receiver fails until node two has seen the delivery is taken,
+    however long node two takes to start: no race with node one's backoff."""
+    receiver.script["/cluster"] = [500]
+    env = {**ALLOW_LOOPBACK, "WEBHOOK_MAX_ATTEMPTS": "9"}
+    one = start_server(tmp_path / "one", env={**env, "WEBHOOK_RETRY_SECONDS": "1"})
     two = None
     try:
         job_id = post_job(one, jfk_wav, callback_url=f"{receiver.url}/cluster").json()["id"]
         receiver.wait("/cluster", 1)
         job_when(one, job_id, lambda j: len(j["callbacks"]) == 1)
-        two = start_server(tmp_path / "two", env={**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "0.1"})
-        job = job_when(one, job_id, lambda j: j["callback_state"] == "delivered")
-        hits = receiver.wait("/cluster", 3)
-        assert len(hits) == 3
-        assert [h.headers["X-Whisper-Attempt"] for h in hits] == ["1", "2", "3"]
-        assert hits[1].at - hits[0].at >= 2.5  # node one's wait
-        assert [a["status"] for a in job["callbacks"]] == [500, 500, 200]
-        assert "another node is delivering it" in two.output()
+        two = start_server(tmp_path / "two", env={**env, "WEBHOOK_RETRY_SECONDS": "0.1"})
+        wait_for_line(two, "another node is delivering it")
+        receiver.script["/cluster"] = [200]
+        job = job_when(one, job_id, lambda j: j["callback_state"] == "delivered", timeout=120)
+        statuses = [a["status"] for a in job["callbacks"]]
+        assert statuses[-1] == 200 and set(statuses[:-1]) == {500}, statuses
+        hits = receiver.wait("/cluster", len(statuses))
+        assert len(hits) == len(statuses)  # nothing sent twice
+        assert [h.headers["X-Whisper-Attempt"] for h in hits] == [
+            str(n) for n in range(1, len(hits) + 1)
+        ]
+        for n, (before, after) in enumerate(itertools.pairwise(hits)):
+            assert after.at - before.at >= 0.8 * 2**n  # node one's backoff, not node two's
         # every node signs with the cluster's secret
         secret = webhook_secret(two.data_dir, database_url)
         assert len({verify(secret, h)["job_id"] for h in hits}) == 1
