@@ -10,8 +10,8 @@ CONFIG_JSON: {"lb": ADDRESS, "stats_password": ..., "ca": CA_FILE, "clips": [WAV
               "nodes": [{"name", "address", "vmid", "cpuset"}, ...]}
 `acceptance.py CONFIG_JSON loop -- CMD...` runs CMD with a request loop against the load
 balancer (with a new API key) and fails if any request of the loop failed (the rolling
-update's check). `acceptance.py CONFIG_JSON throughput ROUNDS` measures only the throughput
-(ROUNDS rounds of the clips) on a cluster that is up, to repeat it.
+update's check). `acceptance.py CONFIG_JSON throughput` measures only the throughput, on a
+cluster that is up, to repeat it.
 """
 
 from __future__ import annotations
@@ -539,16 +539,18 @@ def main() -> int:
         print(json.dumps({"loop_requests": len(loop.log), "loop_jobs": len(jobs)}))
         return 0
     clips = [Path(c) for c in config["clips"]]
-    if sys.argv[2:3] == ["throughput"]:  # throughput ROUNDS: that part alone, on a cluster up
+    if sys.argv[2:3] == ["throughput"]:  # that part alone, on a cluster that is up
         cluster.new_key()
-        print(json.dumps(throughput(cluster, clips * int(sys.argv[3]))))
-        return 0
-    logins_and_keys(cluster)
+    else:
+        logins_and_keys(cluster)
     seconds = history_across(cluster, speech)
     # Rounds of the clips for about BATCH_SECONDS of one node's work: long enough that the
     # two-node window is many jobs long whatever this machine's speed.
     speed = audio_seconds(speech) / seconds
     rounds = max(3, min(40, round(BATCH_SECONDS * speed / sum(map(audio_seconds, clips)))))
+    if sys.argv[2:3] == ["throughput"]:
+        print(json.dumps(throughput(cluster, clips * rounds)))
+        return 0
     live = asyncio.run(live_session(cluster, speech))
     # Streaming decodes (tiny.en) garble a word here and there: the session's own words.
     check("my fellow americans" in words(live), f"live transcript: {live!r}")
