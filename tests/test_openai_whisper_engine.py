@@ -223,6 +223,20 @@ def test_vad_filter_keeps_original_timestamps(openai_model: LoadedModel, jfk: np
     assert segments[-1].end <= padded.shape[0] / SAMPLE_RATE
 
 
+@pytest.mark.slow
+def test_transcribe_whole_runs_openai_whispers_own_pipeline(
+    openai_model: LoadedModel, jfk: np.ndarray
+) -> None:
+    """The long-form bench's baseline: whisper.transcribe on the whole clip, its options."""
+    from appliance.core.engines.openai_whisper_engine import OpenAIWhisperModel
+
+    assert isinstance(openai_model, OpenAIWhisperModel)
+    segments = openai_model.transcribe_whole(jfk, language="en", beam_size=1, temperature=0.0)
+    assert words(text(segments)) == words(JFK_TEXT)
+    assert segments[-1].end <= jfk.shape[0] / SAMPLE_RATE + 0.5
+    assert all(s.temperature == 0.0 for s in segments)
+
+
 def test_vad_filter_on_silence_yields_nothing(openai_model: LoadedModel) -> None:
     assert run(openai_model, np.zeros(3 * SAMPLE_RATE, dtype=np.float32), vad_filter=True) == []
 

@@ -150,6 +150,15 @@ class OpenAIWhisperModel:
             segments = _restore_timestamps(segments, chunks)
         yield from segments
 
+    def transcribe_whole(self, audio: Audio, **decode: Any) -> list[Segment]:
+        """`whisper.transcribe` on the whole recording as openai-whisper's own users run it
+        (no VAD, no windows; fp32 on the CPU): the long-form bench's baseline."""
+        with self._lock:
+            result = self._whisper.transcribe(
+                self._model, audio, verbose=None, fp16=False, **decode
+            )
+        return [_segment(s) for s in result["segments"]]
+
     def close(self) -> None:
         self._model = None
 
