@@ -22,6 +22,7 @@ import io
 import json
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ import urllib.request
 import uuid
 import wave
 from base64 import b64encode
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,25 +198,54 @@ def words(text: str) -> str:
     return " ".join("".join(c for c in text.lower() if c.isalpha() or c == " ").split())
 
 
-def saturated_rate(jobs: list[dict[str, Any]], accepted: float) -> tuple[float, float]:
-    """Audio seconds transcribed per second while every running node had work waiting.
+@dataclass
+class Run:
+    """One batch: its jobs' final snapshots (in the order of `clips`), the saturated window
+    [accepted, end] and the share of their cores the nodes got in it."""
 
-    Why not jobs / wall time: the window [last job accepted, last job started] leaves out the
-    uploads (the controller, HAProxy and PostgreSQL share the two cores with the nodes) and
-    the tail where one node has finished and the other still runs its last job; within it
-    the queue is never empty, so each node works at full speed on its own core. Work is
-    counted as the part of each job's run inside the window, weighted by its audio length
-    (the clips differ), so jobs cut by the window's ends count by the part that falls inside.
-    Returns the rate and the window's end.
-    """
-    end = float(max(j["started"] for j in jobs))
-    check(end - accepted > 5, f"saturated window only {end - accepted:.1f} s: more rounds")
-    work = 0.0
-    for job in jobs:
-        inside = min(job["finished"], end) - max(job["started"], accepted)
-        if inside > 0:
-            work += job["duration"] * inside / (job["finished"] - job["started"])
-    return work / (end - accepted), end
+    clips: list[Path]
+    jobs: list[dict[str, Any]]
+    accepted: float
+    end: float
+    share: float
+    nodes: int
+
+    def rate(self, cost: dict[str, float]) -> float:
+        """Work done per second of the window, per core-second the nodes got.
+
+        Why this window, not jobs / wall time: [last job accepted, last job started] leaves
+        out the uploads (the controller, HAProxy and PostgreSQL share the two cores with the
+        nodes) and the tail where one node has finished and the other still runs its last
+        job; within it the queue is never empty, so each node works at full speed on its own
+        core. Jobs cut by the window's ends count by the part of their run inside it.
+        Why not audio seconds: a job's cost is far from proportional to its audio (a 3 s
+        clip pays most of a 30 s window's encoder pass), so which clips fall in the short
+        two-node window swayed the rate by 30 %. A job counts as `cost` of its clip: what
+        the clip took on one node alone.
+        """
+        work = 0.0
+        for clip, job in zip(self.clips, self.jobs, strict=True):
+            inside = min(job["finished"], self.end) - max(job["started"], self.accepted)
+            if inside > 0:
+                work += cost[clip.name] * inside / (job["finished"] - job["started"])
+        return work / (self.end - self.accepted) / self.share / self.nodes
+
+    def costs(self) -> dict[str, float]:
+        """Each clip's median run time in this batch (seconds)."""
+        times: dict[str, list[float]] = {}
+        for clip, job in zip(self.clips, self.jobs, strict=True):
+            times.setdefault(clip.name, []).append(job["finished"] - job["started"])
+        return {name: statistics.median(t) for name, t in times.items()}
+
+    def summary(self) -> dict[str, float]:
+        audio = sum(j["duration"] for j in self.jobs)
+        wall = max(j["finished"] for j in self.jobs) - min(j["started"] for j in self.jobs)
+        return {
+            "audio_s_per_s": round(audio / wall, 2),
+            "core_share": round(self.share, 2),
+            "saturated_s": round(self.end - self.accepted, 1),
+            "batch_wall_s": round(wall, 1),
+        }
 
 
 def cpu_seconds(vmid: int) -> float:
@@ -248,26 +279,19 @@ class CpuMeter:
         return before[1] + (after[1] - before[1]) * (moment - before[0]) / (after[0] - before[0])
 
 
-def measure(
-    cluster: Cluster, clips: list[Path], tag: str, nodes: list[dict[str, Any]]
-) -> dict[str, float]:
+def measure(cluster: Cluster, clips: list[Path], tag: str, nodes: list[dict[str, Any]]) -> Run:
     meter = CpuMeter([n["vmid"] for n in nodes])
     ids = cluster.submit(clips, tag)
     accepted = time.time()  # the containers share the host's clock
     jobs = cluster.wait_jobs(ids)
     meter.stop.set()
     meter.thread.join()
-    rate, end = saturated_rate(jobs, accepted)
-    wall = max(j["finished"] for j in jobs) - min(j["started"] for j in jobs)
+    end = float(max(j["started"] for j in jobs))
+    check(end - accepted > 5, f"saturated window only {end - accepted:.1f} s: more rounds")
     # Share of their cores the nodes got in the window: below 1 when PostgreSQL, HAProxy,
     # this script or another scenario took CPU from them.
     share = (meter.at(end) - meter.at(accepted)) / (end - accepted) / len(nodes)
-    return {
-        "audio_s_per_s": round(rate, 2),
-        "core_share": round(share, 2),
-        "audio_s_per_core_s": round(rate / share / len(nodes), 2),
-        "batch_wall_s": round(wall, 1),
-    }
+    return Run(clips, jobs, accepted, end, share, len(nodes))
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -397,23 +421,22 @@ def throughput(cluster: Cluster, clips: list[Path]) -> dict[str, Any]:
         two = measure(cluster, clips, "two", cluster.nodes)
         nodes(1)
         after = measure(cluster, clips, "one", [node1])
-        rates = sorted(r["audio_s_per_core_s"] for r in (before, after))
+        # Work in seconds of node 1 alone on each clip, as the first one-node run took it.
         # The nodes have a core each, PostgreSQL, HAProxy and this script none: on this
         # 2-core machine they take their CPU from the nodes, from both when both run, while
         # one node leaves them the other core. The ratio that asks whether the cluster scales
-        # compares the nodes' throughput per core-second they actually got (times the cores);
-        # the raw ratio is printed too.
-        spread = rates[1] / rates[0] - 1
-        ratio = 2 * two["audio_s_per_core_s"] / (sum(rates) / 2)
+        # compares the work per core-second the nodes actually got (times the cores).
+        cost = before.costs()
+        one_a, both, one_b = (run.rate(cost) for run in (before, two, after))
+        spread = max(one_a, one_b) / min(one_a, one_b) - 1
+        ratio = 2 * both / ((one_a + one_b) / 2)
         attempt = {
-            "one_node": before,
-            "two_nodes": two,
-            "one_node_again": after,
+            "one_node": before.summary(),
+            "two_nodes": two.summary(),
+            "one_node_again": after.summary(),
+            "work_per_core_s": [round(one_a, 3), round(both, 3), round(one_b, 3)],
             "one_node_spread": round(spread, 3),
             "ratio": round(ratio, 2),
-            "raw_ratio": round(
-                two["audio_s_per_s"] / ((before["audio_s_per_s"] + after["audio_s_per_s"]) / 2), 2
-            ),
         }
         attempts.append(attempt)
         print(json.dumps({"throughput_attempt": attempt}), flush=True)
