@@ -243,7 +243,7 @@ def test_loopback_is_refused_by_default(tmp_path: Path, receiver: Receiver, jfk_
 
 
 def test_delivery_survives_a_restart(tmp_path: Path, receiver: Receiver, jfk_wav: Path) -> None:
-    env = {**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "4"}
+    env = {**ALLOW_LOOPBACK, "WEBHOOK_RETRY_SECONDS": "30"}  # stopped long before it ends
     receiver.script["/later"] = [500, 500, 200]
     srv = start_server(tmp_path / "data", env=env)
     try:
@@ -251,7 +251,7 @@ def test_delivery_survives_a_restart(tmp_path: Path, receiver: Receiver, jfk_wav
         receiver.wait("/later", 1)
         job_when(srv, job_id, lambda j: len(j["callbacks"]) == 1)
     finally:
-        stop_server(srv)  # during the 4 s wait before the second attempt
+        stop_server(srv)  # during the 30 s wait before the second attempt
     assert len(receiver.wait("/later", 1)) == 1
     srv = start_server(tmp_path / "data", env={**env, "WEBHOOK_RETRY_SECONDS": "0.2"})
     try:
