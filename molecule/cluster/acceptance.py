@@ -17,9 +17,11 @@ cluster that is up, to repeat it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import os
 import socket
 import ssl
 import statistics
@@ -32,6 +34,7 @@ import urllib.request
 import uuid
 import wave
 from base64 import b64encode
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +297,32 @@ def measure(cluster: Cluster, clips: list[Path], tag: str, nodes: list[dict[str,
     return Run(clips, jobs, accepted, end, share, len(nodes))
 
 
+PARTNER = "import numpy as np\na = np.ones((256, 256), np.float32)\nwhile True:\n    a @ a\n"
+
+
+@contextlib.contextmanager
+def other_core_busy(cpuset: str) -> Iterator[None]:
+    """A CPU-bound loop on the stopped node's core while node 1 runs alone.
+
+    Why: on this host (a shared VM) faster-whisper on one vCPU ran 20-40 % slower per
+    CPU-second while the other vCPU idled than while it was busy (measured alternating,
+    2026-12-03: 0.77-1.29 clips/s alone, 1.28-1.54 with a second transcription beside it,
+    1.32-1.35 with this loop). Without it the one-node runs measured a host state the
+    two-node runs never see, and two nodes came out at 2.5-3.5x one. With it both phases
+    run with both cores busy, and PostgreSQL, HAProxy and this script compete with a full
+    core's load in both.
+    """
+    loop = subprocess.Popen(
+        ["taskset", "-c", cpuset, sys.executable, "-c", PARTNER],
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        yield
+    finally:
+        loop.kill()
+        loop.wait()
+
+
 # --- the checks -------------------------------------------------------------------------------
 def logins_and_keys(cluster: Cluster) -> None:
     """Admin login on each node and through the LB; an API key made once works on both nodes,
@@ -414,13 +443,15 @@ def throughput(cluster: Cluster, clips: list[Path]) -> dict[str, Any]:
         cluster.wait_state(node2, "UP" if count == 2 else "DOWN")
 
     nodes(1)
-    before = measure(cluster, clips, "one", [node1])
+    with other_core_busy(node2["cpuset"]):
+        before = measure(cluster, clips, "one", [node1])
     attempts = []
     for _ in range(ATTEMPTS):
         nodes(2)
         two = measure(cluster, clips, "two", cluster.nodes)
         nodes(1)
-        after = measure(cluster, clips, "one", [node1])
+        with other_core_busy(node2["cpuset"]):
+            after = measure(cluster, clips, "one", [node1])
         # Work in seconds of node 1 alone on each clip, as the first one-node run took it.
         # The nodes have a core each, PostgreSQL, HAProxy and this script none: on this
         # 2-core machine they take their CPU from the nodes, from both when both run, while
