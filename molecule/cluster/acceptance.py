@@ -49,6 +49,7 @@ WYOMING_PORT = 10300
 BATCH_SECONDS = 60  # one node's work in the throughput batch (two nodes: about half)
 BACKENDS = ("whisper_https", "whisper_wyoming")
 ATTEMPTS = 3  # two-node runs at most, each between two one-node runs
+MAX_RATIO = 2.7  # see the last check of `throughput`
 STEADY = 0.15  # how far the one-node runs around a two-node run may differ (per core-second)
 
 
@@ -483,9 +484,13 @@ def throughput(cluster: Cluster, clips: list[Path]) -> dict[str, Any]:
         f" ({ATTEMPTS} attempts): no fair ratio to take; run again on a quiet machine: {attempts}",
     )
     check(ratio >= 1.8, f"two nodes {ratio:.2f}x one node (< 1.8x): {result}")
-    # Per core, two nodes cannot beat one by much more than 2x: above, something else on the
-    # machine slowed the one-node runs (measured 2.93x with a pytest run beside it).
-    check(ratio <= 2.3, f"two nodes {ratio:.2f}x one node (> 2.3x): a disturbed run: {result}")
+    # Above 2x per core is this host, not the cluster: the loop on the idle core recovers
+    # most of a lone vCPU's loss, not all (1.32-1.35 clips/s with it, 1.51-1.54 beside a
+    # second transcription: up to 1.17x), plus the STEADY allowance: 2 x 1.17 x 1.15 = 2.7.
+    # More than that is a run disturbed in a way the one-node runs around it did not see.
+    check(
+        ratio <= MAX_RATIO, f"two nodes {ratio:.2f}x one node (> {MAX_RATIO}x): disturbed: {result}"
+    )
     return result
 
 
