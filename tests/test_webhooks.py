@@ -186,19 +186,19 @@ def test_failing_receiver_gets_the_third_attempt(
     response = post_job(allowing, jfk_wav, callback_url=f"{receiver.url}/flaky")
     job_id = response.json()["id"]
     hits = receiver.wait("/flaky", 3)
-    first, second = hits[1].at - hits[0].at, hits[2].at - hits[1].at
-    # WEBHOOK_RETRY_SECONDS=0.4: waits of 0.4 s, then 0.8 s
-    assert 0.35 <= first < 0.8, first
-    assert 0.75 <= second < 1.6, second
-    assert second > 1.5 * first
     secret = webhook_secret(allowing.data_dir, allowing_db)
     assert len({verify(secret, h)["job_id"] for h in hits}) == 1  # the same body each time
     assert [h.headers["X-Whisper-Attempt"] for h in hits] == ["1", "2", "3"]
     job = job_when(allowing, job_id, lambda j: j["callback_state"] == "delivered")
     assert [a["status"] for a in job["callbacks"]] == [500, 503, 200]
     assert [a.get("error") for a in job["callbacks"]] == ["HTTP 500", "HTTP 503", None]
+    # WEBHOOK_RETRY_SECONDS=0.4: waits of 0.4 s, then 0.8 s, from one attempt's start to the
+    # next (the dispatcher's own times: at the receiver a slow first request shortens the
+    # gap, 0.33 s seen on a loaded CI host)
     times = [a["time"] for a in job["callbacks"]]
-    assert times == sorted(times)
+    first, second = times[1] - times[0], times[2] - times[1]
+    assert 0.39 <= first < 0.8, first
+    assert 0.79 <= second < 1.6, second
     assert "attempt 1/4 failed: HTTP 500" in allowing.output()
 
 
@@ -289,8 +289,9 @@ def test_a_node_that_starts_leaves_another_nodes_delivery_alone(
         assert [h.headers["X-Whisper-Attempt"] for h in hits] == [
             str(n) for n in range(1, len(hits) + 1)
         ]
-        for n, (before, after) in enumerate(itertools.pairwise(hits)):
-            assert after.at - before.at >= 0.8 * 2**n  # node one's backoff, not node two's
+        times = [a["time"] for a in job["callbacks"]]  # each attempt's start, by its node
+        for n, (before, after) in enumerate(itertools.pairwise(times)):
+            assert after - before >= 0.99 * 2**n  # node one's backoff, not node two's
         # every node signs with the cluster's secret
         secret = webhook_secret(two.data_dir, database_url)
         assert len({verify(secret, h)["job_id"] for h in hits}) == 1
