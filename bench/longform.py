@@ -182,16 +182,15 @@ def _worker(config: str, model_dir: str, audio_path: str, threads: int) -> dict[
 
 def _native_openai_whisper(model: Any, audio: np.ndarray[Any, Any]) -> list[Any]:
     """`whisper.transcribe` on the whole recording with the `whisper` command's defaults."""
-    return list(
-        model.transcribe_whole(
-            audio,
-            language="en",
-            beam_size=5,
-            best_of=5,
-            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-            condition_on_previous_text=True,
-        )
+    segments: list[Any] = model.transcribe_whole(
+        audio,
+        language="en",
+        beam_size=5,
+        best_of=5,
+        temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        condition_on_previous_text=True,
     )
+    return segments
 
 
 def run_config(config: str, model_dir: Path, audio: Path, threads: int) -> dict[str, Any]:

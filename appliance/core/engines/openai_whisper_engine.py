@@ -130,11 +130,9 @@ class OpenAIWhisperModel:
     ) -> Iterator[Segment]:
         if audio.shape[0] == 0:  # the VAD found no speech
             return
-        with self._lock:
-            result = self._whisper.transcribe(
-                self._model,
+        segments: Iterator[Segment] = iter(
+            self.transcribe_whole(
                 audio,
-                verbose=None,
                 language=language,
                 task=options.task,
                 word_timestamps=options.word_timestamps,
@@ -143,16 +141,16 @@ class OpenAIWhisperModel:
                 condition_on_previous_text=options.condition_on_previous_text,
                 beam_size=options.beam_size,
                 best_of=5,  # faster-whisper's default for the sampling fallback
-                fp16=False,
             )
-        segments: Iterator[Segment] = (_segment(s) for s in result["segments"])
+        )
         if chunks is not None:
             segments = _restore_timestamps(segments, chunks)
         yield from segments
 
     def transcribe_whole(self, audio: Audio, **decode: Any) -> list[Segment]:
-        """`whisper.transcribe` on the whole recording as openai-whisper's own users run it
-        (no VAD, no windows; fp32 on the CPU): the long-form bench's baseline."""
+        """`whisper.transcribe` on `audio` as given (fp32 on the CPU), its options as keywords:
+        this engine's one call into openai-whisper, and the long-form bench's baseline (the
+        whole recording, no VAD, no windows, as openai-whisper's own users run it)."""
         with self._lock:
             result = self._whisper.transcribe(
                 self._model, audio, verbose=None, fp16=False, **decode
