@@ -199,6 +199,7 @@ def test_failing_receiver_gets_the_third_attempt(
     first, second = times[1] - times[0], times[2] - times[1]
     assert 0.39 <= first < 0.8, first
     assert 0.79 <= second < 1.6, second
+    assert second > 1.5 * first
     assert "attempt 1/4 failed: HTTP 500" in allowing.output()
 
 
