@@ -598,7 +598,8 @@ def main() -> int:
         print(json.dumps({"loop_requests": len(loop.log), "loop_jobs": len(jobs)}))
         return 0
     clips = [Path(c) for c in config["clips"]]
-    if sys.argv[2:3] == ["throughput"]:  # that part alone, on a cluster that is up
+    throughput_only = sys.argv[2:3] == ["throughput"]  # that part alone, on a cluster up
+    if throughput_only:
         cluster.new_key()
     else:
         logins_and_keys(cluster)
@@ -607,7 +608,7 @@ def main() -> int:
     # two-node window is many jobs long whatever this machine's speed.
     speed = audio_seconds(speech) / seconds
     rounds = max(3, min(40, round(BATCH_SECONDS * speed / sum(map(audio_seconds, clips)))))
-    if sys.argv[2:3] == ["throughput"]:
+    if throughput_only:
         print(json.dumps(throughput(cluster, clips * rounds)))
         return 0
     live = asyncio.run(live_session(cluster, speech))
