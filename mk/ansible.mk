@@ -52,6 +52,6 @@ molecule: collections dist ## Molecule on real LXC containers, scenarios default
 	bash molecule/run.sh $(MOLECULE_SCENARIOS)
 
 .PHONY: molecule-cluster
-molecule-cluster: collections dist ## Molecule scenario cluster alone: PostgreSQL, HAProxy, two real appliance nodes under load, rolling update (root, ~35 min, quiet machine)
+molecule-cluster: collections dist ## Molecule scenario cluster alone: PostgreSQL, HAProxy, two real appliance nodes under load, rolling update (root, ~15 min, quiet machine)
 	@[ "$$(id -u)" = 0 ] || { echo "molecule needs root (LXC containers, bridge, NAT)"; exit 1; }
 	bash molecule/run.sh cluster

@@ -46,7 +46,7 @@ from update import Admin  # type: ignore[import-not-found]  # molecule/shared/up
 
 JOB_TIMEOUT = 600  # a batch, or the jobs of a killed node (their lease must run out first)
 WYOMING_PORT = 10300
-BATCH_SECONDS = 60  # one node's work in the throughput batch (two nodes: about half)
+BATCH_SECONDS = 120  # one node's work in the throughput batch, as one JFK round trip rates it
 BACKENDS = ("whisper_https", "whisper_wyoming")
 ATTEMPTS = 3  # two-node runs at most, each between two one-node runs
 MAX_RATIO = 2.7  # see the last check of `throughput`
@@ -605,7 +605,10 @@ def main() -> int:
         logins_and_keys(cluster)
     seconds = history_across(cluster, speech)
     # Rounds of the clips for about BATCH_SECONDS of one node's work: long enough that the
-    # two-node window is many jobs long whatever this machine's speed.
+    # two-node window is many jobs long whatever this machine's speed. One short request's
+    # round trip (upload, queue, model) overrates a job's cost: in the runs of 2026-12-03 the
+    # batch took about half of BATCH_SECONDS on one node (26-34 s for 60), and the two-node
+    # window of a 60 s batch was 10-13 s, its uploads and tail a large part of the wall time.
     speed = audio_seconds(speech) / seconds
     rounds = max(3, min(40, round(BATCH_SECONDS * speed / sum(map(audio_seconds, clips)))))
     if throughput_only:
